@@ -1,0 +1,93 @@
+"""Base configuration of the ssim_jax super-resolution trainer.
+
+Every other config starts from `get_config()` here and changes a few fields.
+Run (any config file works the same way):
+
+  python -m train --config=configs/base.py --workdir=/tmp/ssim_sr \
+      --config.flow.steps=2000 --config.batch_size=64
+
+Task: a low-resolution image `data.hr_size // data.scale` in, the high-resolution
+image `data.hr_size` out. Stage `vae` trains the autoencoder (L1 + SSIM + KL);
+stage `flow` trains a small DiT velocity model over VAE latent tokens with the
+frozen VAE and the ssim_jax flow loss:
+
+  total = mse_loss_weight * mse(v_pred, v)
+        + pixel_loss_weight * pixel(decode(z0_pred), image)   (weighted by w(t))
+        + ssim_loss_weight * (1 - SSIM(decode(z0_pred), image)) (weighted by w(t))
+
+with w(t) = clip((ssim_loss_max_t - t) / ssim_loss_max_t, 0, 1).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base config (a medium-size run, not tuned for CPU)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Global batch over all processes and devices; must divide by the device count.
+  c.batch_size = 32
+  # Compute dtype of the models; parameters and optimizer state stay float32.
+  c.precision = "float32"  # float32 | bfloat16
+  # Stop the run after this many consecutive skipped (non-finite) steps.
+  c.max_consecutive_skips = 20
+
+  # --- Flow-matching loss (stage `flow`), field names as in the seed trainer.
+  c.mse_loss_weight = 1.0
+  c.pixel_loss_weight = 0.0
+  c.pixel_loss_type = "l1"  # l1 | l2
+  c.ssim_loss_weight = 0.0
+  c.ssim_loss_max_t = 0.3
+  c.ssim_window_size = 11
+  # Images decoded per chunk for the pixel/SSIM losses (bounds activation memory).
+  c.chunk_size = 2
+  # Timestep distribution: t = sigmoid(N(0, 1) * scale + shift) ("logit-normal").
+  c.t_logit_mean = 0.0
+  c.t_logit_std = 1.0
+
+  # --- Data (train/data.py).
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""  # "" -> embedded skimage retina crops; else a folder of PNG/JPEG/TIFF
+  c.data.hr_size = 64  # high-resolution crop size (pixels)
+  c.data.scale = 4  # low-resolution size = hr_size // scale
+  c.data.num_val = 16  # held-out validation crops
+  c.data.prefetch = 2  # host-side batches prefetched
+
+  # --- Autoencoder (train/models/vae.py) and its stage.
+  c.vae = ml_collections.ConfigDict()
+  c.vae.enabled = True
+  c.vae.channels = (32, 64, 64)
+  c.vae.latent_channels = 4
+  c.vae.steps = 2000
+  c.vae.learning_rate = 1e-3
+  c.vae.warmup_steps = 100
+  c.vae.l1_weight = 1.0
+  c.vae.ssim_weight = 0.2
+  c.vae.kl_weight = 1e-6
+
+  # --- Velocity model (train/models/dit.py) and its stage.
+  c.dit = ml_collections.ConfigDict()
+  c.dit.patch_size = 2
+  c.dit.hidden_size = 128
+  c.dit.depth = 4
+  c.dit.num_heads = 4
+  c.dit.mlp_ratio = 4
+  c.flow = ml_collections.ConfigDict()
+  c.flow.steps = 5000
+  c.flow.learning_rate = 3e-4
+  c.flow.warmup_steps = 200
+
+  # Learning-rate schedule for both stages: linear warmup then cosine|constant.
+  c.schedule = "cosine"
+  c.weight_decay = 0.0
+  c.grad_clip_norm = 1.0
+
+  # --- Observability and checkpoints (steps are per stage).
+  c.log_every = 50
+  c.eval_every = 1000  # 0: evaluate only at the end of each stage
+  c.eval_ode_steps = 20  # Euler steps of the ODE sampler
+  c.eval_num_images = 8  # validation images in the PNG grid
+  c.ckpt_every = 500
+  c.ckpt_max_to_keep = 3
+  c.progress_bar = True
+  return c

@@ -1,0 +1,35 @@
+"""Default config: both stages on the embedded retina crops in a few CPU minutes.
+
+This is the README's command:
+
+  python -m train --config=configs/default.py --workdir=/tmp/ssim_sr
+
+64x64 high-resolution / 16x16 low-resolution crops of `skimage.data.retina()`,
+a tiny VAE and a tiny DiT, mixed pixel + SSIM flow loss.
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.batch_size = 16
+  c.vae.channels = (16, 32)
+  c.vae.latent_channels = 4
+  c.vae.steps = 300
+  c.vae.learning_rate = 2e-3
+  c.vae.warmup_steps = 20
+  c.dit.hidden_size = 64
+  c.dit.depth = 2
+  c.dit.num_heads = 4
+  c.dit.mlp_ratio = 2
+  c.flow.steps = 400
+  c.flow.learning_rate = 1e-3
+  c.flow.warmup_steps = 20
+  c.pixel_loss_weight = 0.5
+  c.ssim_loss_weight = 0.5
+  c.log_every = 25
+  c.eval_every = 0
+  c.ckpt_every = 200
+  c.eval_ode_steps = 10
+  return c

@@ -1,0 +1,13 @@
+"""Flow loss with both pixel and SSIM terms: the seed's mixed mode.
+
+  python -m train --config=configs/mixed.py --workdir=/tmp/ssim_sr_mixed
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.pixel_loss_weight = 1.0
+  c.ssim_loss_weight = 0.2
+  return c

@@ -1,0 +1,28 @@
+"""A seconds-long config for tests and smoke runs (not a useful model).
+
+  python -m train --config=configs/tiny.py --workdir=/tmp/ssim_tiny
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.batch_size = 8
+  c.data.hr_size = 16
+  c.data.scale = 2
+  c.data.num_val = 4
+  c.vae.channels = (4,)
+  c.vae.latent_channels = 2
+  c.vae.steps = 4
+  c.dit.hidden_size = 16
+  c.dit.depth = 1
+  c.dit.num_heads = 2
+  c.flow.steps = 4
+  c.ssim_window_size = 3
+  c.log_every = 2
+  c.ckpt_every = 2
+  c.eval_ode_steps = 2
+  c.eval_num_images = 2
+  c.progress_bar = False
+  return c

@@ -1,0 +1,170 @@
+"""Validation of a trainer config, run before anything is built or compiled.
+
+`validate(config, num_devices=...)` raises ONE `ValueError` naming the field for
+the first inconsistent setting, so that a bad run fails in a second instead of
+deep inside a traced loss (the seed's TypeError when SSIM was on without a VAE)
+or after an hour of training.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRECISIONS = ("float32", "bfloat16")
+PIXEL_LOSS_TYPES = ("l1", "l2")
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+  """An inconsistent trainer config; the message names the field."""
+
+
+def _fail(field: str, msg: str):
+  raise ConfigError(f"config.{field}: {msg}")
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if part not in node:
+      _fail(dotted, "is missing (start from configs/base.py get_config())")
+    node = node[part]
+  return node
+
+
+def _int(config, field: str, *, minimum: int | None = None) -> int:
+  v = _get(config, field)
+  if isinstance(v, bool) or not isinstance(v, int):
+    _fail(field, f"must be an int, got {v!r} ({type(v).__name__})")
+  if minimum is not None and v < minimum:
+    _fail(field, f"must be >= {minimum}, got {v}")
+  return v
+
+
+def _float(config, field: str, *, minimum: float | None = None,
+           strictly_positive: bool = False) -> float:
+  v = _get(config, field)
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    _fail(field, f"must be a number, got {v!r} ({type(v).__name__})")
+  v = float(v)
+  if v != v or v in (float("inf"), float("-inf")):
+    _fail(field, f"must be finite, got {v}")
+  if strictly_positive and v <= 0:
+    _fail(field, f"must be > 0, got {v}")
+  if minimum is not None and v < minimum:
+    _fail(field, f"must be >= {minimum}, got {v}")
+  return v
+
+
+def _choice(config, field: str, choices) -> str:
+  v = _get(config, field)
+  if v not in choices:
+    _fail(field, f"must be one of {choices}, got {v!r}")
+  return v
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+  """Checks a trainer config; raises `ConfigError` (a ValueError) naming the field.
+
+  Args:
+    config: a config from `configs/*.py` (after command-line overrides).
+    num_devices: total number of devices over all processes (`jax.device_count()`).
+
+  Raises:
+    ConfigError: for the first inconsistent setting.
+  """
+  _int(config, "seed", minimum=0)
+  batch = _int(config, "batch_size", minimum=1)
+  if batch % num_devices:
+    _fail("batch_size", f"global batch {batch} is not divisible by the device count "
+          f"{num_devices}; use a multiple of {num_devices}")
+  _choice(config, "precision", PRECISIONS)
+  _int(config, "max_consecutive_skips", minimum=1)
+
+  # Flow loss weights.
+  mse_w = _float(config, "mse_loss_weight", minimum=0.0)
+  pix_w = _float(config, "pixel_loss_weight", minimum=0.0)
+  ssim_w = _float(config, "ssim_loss_weight", minimum=0.0)
+  _choice(config, "pixel_loss_type", PIXEL_LOSS_TYPES)
+  if mse_w == 0 and pix_w == 0 and ssim_w == 0:
+    _fail("mse_loss_weight", "mse_loss_weight, pixel_loss_weight and ssim_loss_weight "
+          "are all 0: the flow stage would have no loss")
+  vae_on = bool(_get(config, "vae.enabled"))
+  if not vae_on:
+    for field, w in (("pixel_loss_weight", pix_w), ("ssim_loss_weight", ssim_w)):
+      if w > 0:
+        _fail(field, f"is {w} > 0 but config.vae.enabled is False: the pixel and SSIM "
+              "losses decode the predicted latents with the VAE")
+  max_t = _float(config, "ssim_loss_max_t")
+  if not 0 < max_t <= 1:
+    _fail("ssim_loss_max_t", f"must be in (0, 1] (a flow time), got {max_t}")
+  win = _int(config, "ssim_window_size", minimum=1)
+  if win % 2 == 0:
+    _fail("ssim_window_size", f"must be odd (a centred Gaussian window), got {win}")
+  _int(config, "chunk_size", minimum=1)
+  _float(config, "t_logit_mean")
+  _float(config, "t_logit_std", strictly_positive=True)
+
+  # Data geometry.
+  hr = _int(config, "data.hr_size", minimum=2)
+  scale = _int(config, "data.scale", minimum=1)
+  if hr % scale:
+    _fail("data.hr_size", f"{hr} is not divisible by data.scale={scale}")
+  _int(config, "data.num_val", minimum=1)
+  _int(config, "data.prefetch", minimum=0)
+  if not isinstance(_get(config, "data.dir"), str):
+    _fail("data.dir", "must be a string path ('' for the embedded retina data)")
+  if win > hr:
+    _fail("ssim_window_size", f"{win} is larger than the image (data.hr_size={hr})")
+
+  # Models.
+  if not vae_on:
+    _fail("vae.enabled", "the flow stage runs in the VAE latent space; the VAE is required")
+  chans = _get(config, "vae.channels")
+  if (not isinstance(chans, (tuple, list)) or not chans
+      or not all(isinstance(ch, int) and ch >= 1 for ch in chans)):
+    _fail("vae.channels", f"must be a non-empty tuple of positive ints, got {chans!r}")
+  _int(config, "vae.latent_channels", minimum=1)
+  _int(config, "vae.steps", minimum=0)
+  _float(config, "vae.learning_rate", strictly_positive=True)
+  _int(config, "vae.warmup_steps", minimum=0)
+  vl1 = _float(config, "vae.l1_weight", minimum=0.0)
+  vssim = _float(config, "vae.ssim_weight", minimum=0.0)
+  _float(config, "vae.kl_weight", minimum=0.0)
+  if vl1 == 0 and vssim == 0:
+    _fail("vae.l1_weight", "vae.l1_weight and vae.ssim_weight are both 0: the VAE stage "
+          "would have no reconstruction loss")
+  down = 2 ** (len(chans) - 1)
+  if hr % down:
+    _fail("vae.channels", f"{len(chans)} levels downsample by {down}, which does not "
+          f"divide data.hr_size={hr}")
+  p = _int(config, "dit.patch_size", minimum=1)
+  if (hr // down) % p:
+    _fail("dit.patch_size", f"{p} does not divide the latent size {hr // down} "
+          f"(data.hr_size={hr} / VAE downsampling {down})")
+  hidden = _int(config, "dit.hidden_size", minimum=1)
+  heads = _int(config, "dit.num_heads", minimum=1)
+  if hidden % heads:
+    _fail("dit.num_heads", f"{heads} does not divide dit.hidden_size={hidden}")
+  if hidden % 4:
+    _fail("dit.hidden_size", f"must be a multiple of 4 (sinusoidal embeddings), got {hidden}")
+  _int(config, "dit.depth", minimum=1)
+  _int(config, "dit.mlp_ratio", minimum=1)
+  _int(config, "flow.steps", minimum=0)
+  _float(config, "flow.learning_rate", strictly_positive=True)
+  _int(config, "flow.warmup_steps", minimum=0)
+
+  # Optimiser and schedule.
+  _choice(config, "schedule", SCHEDULES)
+  _float(config, "weight_decay", minimum=0.0)
+  _float(config, "grad_clip_norm", minimum=0.0)
+
+  # Observability and checkpoints.
+  _int(config, "log_every", minimum=1)
+  _int(config, "eval_every", minimum=0)
+  _int(config, "eval_ode_steps", minimum=1)
+  n_img = _int(config, "eval_num_images", minimum=1)
+  if n_img > _get(config, "data.num_val"):
+    _fail("eval_num_images", f"{n_img} > data.num_val={config.data.num_val}")
+  _int(config, "ckpt_every", minimum=1)
+  _int(config, "ckpt_max_to_keep", minimum=1)
