@@ -1,0 +1,303 @@
+"""Jitted data-parallel train steps with skip-on-non-finite.
+
+One step = `jax.jit(jax.shard_map(per_device, mesh, ...))` over a 1-D
+`('data',)` mesh (Auto axes). Per device:
+
+1. the float32 params (replicated) are `pcast` to device-varying, so that the
+   gradient of each device's loss is that device's LOCAL gradient (without the
+   pcast, shard_map would already sum it over devices);
+2. `ok = pmin(all finite(local loss, local grads))` over 'data': one flag on
+   which all replicas agree, decided BEFORE the all-reduce (a NaN on one device
+   would otherwise reach every device through pmean);
+3. grads are `pmean`-ed, optax computes the update, and params AND optimizer
+   state become `where(ok, new, old)`: a skipped step leaves both bit-identical
+   (so `optax.apply_if_finite`'s "apply after N errors" can never happen here);
+4. `skipped` and `consecutive_skips` counters live in the state; the loop stops
+   after `config.max_consecutive_skips`.
+
+Loss functions follow one convention so that `pmean` of local gradients is the
+gradient of the global loss: a loss function returns `(grad_loss, metrics)`
+where `grad_loss` is the per-device objective whose local gradients average to
+the global gradient, and `metrics` are already all-reduced (invariant) scalars.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import ssim_jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+class TrainState(NamedTuple):
+  """Everything that a checkpoint must hold to resume a stage bit-identically."""
+  step: jax.Array  # int32 [], steps attempted (applied + skipped); keys the RNG
+  params: Any  # float32 pytree (nnx.State of nnx.Param leaves)
+  opt_state: Any  # optax state, float32 / int32 leaves
+  skipped: jax.Array  # int32 [], total skipped (non-finite) steps
+  consecutive_skips: jax.Array  # int32 [], skipped steps since the last applied one
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state at step 0."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
+                    consecutive_skips=zero)
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D `('data',)` mesh with Auto axis type over `devices` (all by default)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def all_finite(tree) -> jax.Array:
+  """bool [] : every element of every floating leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def cast_floating(tree, dtype):
+  """Casts floating leaves to `dtype` (the bf16 compute copy of float32 params)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def shard_batch(batch, mesh: jax.sharding.Mesh):
+  """Per-process numpy batch pytree -> global arrays sharded over 'data'.
+
+  Each process passes only its own rows; `make_array_from_process_local_data`
+  stitches the global batch (this is the multi-host path; one process is the
+  special case of it).
+  """
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  """Puts a pytree (state, frozen params) replicated on every device of `mesh`."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, *,
+                    make_inputs: Callable | None = None,
+                    lr_schedule: Callable | None = None):
+  """Builds the jitted data-parallel train step.
+
+  Args:
+    loss_fn: `loss_fn(params, batch, frozen) -> (grad_loss, metrics)` run per
+      device under shard_map (axis 'data'); see the module docstring.
+    tx: the optax optimiser.
+    mesh: a 1-D ('data',) mesh.
+    make_inputs: optional `make_inputs(batch, key) -> batch` run under jit on the
+      GLOBAL batch before shard_map, e.g. to draw noise and t: drawing them
+      globally makes them independent of the device count (1 vs 8 devices give
+      the same numbers with the partitionable threefry PRNG).
+    lr_schedule: optional `schedule(count)` for the `lr` metric.
+
+  Returns:
+    `step(state, batch, frozen, key) -> (state, metrics)`, jitted; `key` is the
+    run's base key, folded with `state.step` so a resumed run draws the same
+    numbers. `step.trace_count()` says how many times it was traced.
+  """
+  traces = [0]
+
+  def per_device(state: TrainState, batch, frozen):
+    params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), state.params)
+    (grad_loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch, frozen)
+    local_ok = jnp.isfinite(grad_loss) & all_finite(grads)
+    ok = jax.lax.pmin(local_ok.astype(jnp.int32), AXIS) > 0
+    grads = jax.lax.pmean(grads, AXIS)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    skip = (~ok).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        skipped=state.skipped + skip,
+        consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
+    )
+    metrics = dict(metrics)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = skip
+    return new_state, metrics
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                          out_specs=(P(), P()))
+
+  def step(state: TrainState, batch, frozen, key):
+    traces[0] += 1  # Python side effect: runs once per trace, not per call.
+    if make_inputs is not None:
+      batch = make_inputs(batch, jax.random.fold_in(key, state.step))
+      batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P(AXIS)))
+    new_state, metrics = sharded(state, batch, frozen)
+    if lr_schedule is not None:
+      # The schedule counts applied updates only (skipped steps keep the old count).
+      metrics["lr"] = jnp.asarray(lr_schedule(new_state.step - new_state.skipped - 1),
+                                  jnp.float32)
+    return new_state, metrics
+
+  jitted = jax.jit(step)
+  jitted.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
+  return jitted
+
+
+# ----------------------------------------------------------------------------
+# Stage losses. Each returns (grad_loss, metrics) per device, see module doc.
+
+
+def _pmean_metrics(metrics: dict) -> dict:
+  return {k: jax.lax.pmean(jnp.asarray(v, jnp.float32), AXIS) for k, v in metrics.items()}
+
+
+def vae_latent_shape(vae_graphdef, vae_params, vae_rest, image_shape) -> tuple[int, ...]:
+  """Latent shape `[B, h, w, c]` of `encode(images)` (abstract evaluation, no FLOPs)."""
+  def enc(p, x):
+    return nnx.merge(vae_graphdef, p, vae_rest).encode(x)[0]
+  out = jax.eval_shape(enc, vae_params, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+  return tuple(out.shape)
+
+
+def make_vae_loss(config, vae_graphdef, vae_rest, *, compute_dtype):
+  """Stage `vae`: L1 + SSIM (ssim_jax on [0,1]) + KL on the reconstructions.
+
+  Batch: `{'image': [b,H,W,3] in [-1,1], 'eps': [b,h,w,c] N(0,1)}` per device.
+  All terms are per-device means over equal-size shards, so pmean of the
+  local gradients is the gradient of the global batch mean.
+  """
+  vc = config.vae
+
+  def loss_fn(params, batch, frozen):
+    del frozen
+    model = nnx.merge(vae_graphdef, cast_floating(params, compute_dtype), vae_rest)
+    x = batch["image"]
+    mean, logvar = model.encode(x.astype(compute_dtype))
+    mean = mean.astype(jnp.float32)
+    logvar = logvar.astype(jnp.float32)
+    z = mean + jnp.exp(0.5 * logvar) * batch["eps"]
+    rec = model.decode(z.astype(compute_dtype)).astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(rec - x))
+    ssim_l = ssim_jax.ssim_loss((rec + 1) / 2, (x + 1) / 2, data_range=1.0,
+                                window_size=config.ssim_window_size)
+    kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar,
+                                axis=(1, 2, 3)))
+    total = vc.l1_weight * l1 + vc.ssim_weight * ssim_l + vc.kl_weight * kl
+    metrics = _pmean_metrics(dict(l1=l1, ssim=ssim_l, kl=kl, total=total,
+                                  l1_weighted=vc.l1_weight * l1,
+                                  ssim_weighted=vc.ssim_weight * ssim_l,
+                                  kl_weighted=vc.kl_weight * kl))
+    return total, metrics
+
+  return loss_fn
+
+
+def make_vae_inputs(latent_shape_per_image):
+  """`make_inputs` of the vae stage: the reparameterisation noise, drawn globally."""
+  def make_inputs(batch, key):
+    b = batch["image"].shape[0]
+    eps = jax.random.normal(key, (b,) + tuple(latent_shape_per_image), jnp.float32)
+    return dict(batch, eps=eps)
+  return make_inputs
+
+
+def sample_t(key, n: int, *, mean: float, std: float) -> jax.Array:
+  """Logit-normal flow times `[n]` in (0, 1)."""
+  return jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,), jnp.float32))
+
+
+def make_flow_inputs(config, latent_shape_per_image):
+  """`make_inputs` of the flow stage: noise `[B,h,w,c]` and t `[B]`, drawn globally."""
+  def make_inputs(batch, key):
+    b = batch["highres"].shape[0]
+    kn, kt = jax.random.split(key)
+    noise = jax.random.normal(kn, (b,) + tuple(latent_shape_per_image), jnp.float32)
+    t = sample_t(kt, b, mean=config.t_logit_mean, std=config.t_logit_std)
+    return dict(batch, noise=noise, t=t)
+  return make_inputs
+
+
+def encode_latents(vae, images, *, compute_dtype):
+  """Frozen-VAE latents of `images` [-1,1]: the posterior mean, scaled and shifted."""
+  mean, _ = vae.encode(images.astype(compute_dtype))
+  z = (mean.astype(jnp.float32) - vae.shift_factor) * vae.scaling_factor
+  return jax.lax.stop_gradient(z)
+
+
+def decode_latents(vae, z, *, compute_dtype):
+  """Inverse of `encode_latents`'s scaling, then decode -> images [-1,1] float32."""
+  z = z / vae.scaling_factor + vae.shift_factor
+  return vae.decode(z.astype(compute_dtype)).astype(jnp.float32)
+
+
+def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtype):
+  """Stage `flow`: mse on the velocity + weighted pixel + SSIM via `decoded_losses`.
+
+  Batch per device: `{'lowres', 'highres', 'noise', 't'}`; `frozen` = the VAE
+  params (a jit ARGUMENT, not a closed-over constant). The pixel and SSIM terms
+  come out of `flow.decoded_losses(..., axis_name='data')` normalised by the
+  GLOBAL weight mass (psum over devices) and are device-invariant; adding them
+  to the varying local mse inserts an implicit pvary whose transpose is a psum,
+  so each device's local gradient carries n times its share and `pmean` of the
+  local gradients is exactly the global gradient (checked numerically; the
+  1-vs-8-device test pins it).
+  """
+  from ssim_jax import flow  # pylint: disable=g-import-not-at-top
+  mse_w = float(config.mse_loss_weight)
+  pix_w = float(config.pixel_loss_weight)
+  ssim_w = float(config.ssim_loss_weight)
+  decode = pix_w > 0 or ssim_w > 0
+
+  def loss_fn(params, batch, vae_params):
+    dit = nnx.merge(dit_graphdef, cast_floating(params, compute_dtype))
+    vae = nnx.merge(vae_graphdef, cast_floating(vae_params, compute_dtype), vae_rest)
+    images = batch["highres"]
+    z0 = encode_latents(vae, images, compute_dtype=compute_dtype)
+    noise, t = batch["noise"], batch["t"]
+    x_t = flow.interpolate(z0, noise, t)
+    v = flow.velocity_target(z0, noise)
+    v_pred = dit(x_t.astype(compute_dtype), t, batch["lowres"]).astype(jnp.float32)
+    mse = jnp.mean(jnp.square(v_pred - v))
+    metrics = dict(mse=mse, mse_weighted=mse_w * mse)
+    grad_loss = mse_w * mse
+    if decode:
+      z0_pred = flow.reconstruct_z0(x_t, v_pred, t)
+      weights = flow.timestep_weight(t, max_t=config.ssim_loss_max_t)
+      out = flow.decoded_losses(
+          z0_pred, images, weights,
+          lambda z: decode_latents(vae, z, compute_dtype=compute_dtype),
+          chunk_size=config.chunk_size, pixel_loss=config.pixel_loss_type,
+          axis_name=AXIS, window_size=config.ssim_window_size)
+      ssim_l, pixel_l, mass = out[0], out[1], out[2]
+      grad_loss = grad_loss + pix_w * pixel_l + ssim_w * ssim_l
+      glob = dict(pixel=pixel_l, pixel_weighted=pix_w * pixel_l, ssim=ssim_l,
+                  ssim_weighted=ssim_w * ssim_l, weight_mass=mass)
+    else:
+      glob = {}
+    metrics = _pmean_metrics(metrics)
+    # Already global (psum-normalised) values: reported as they are.
+    metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in glob.items()})
+    metrics["total"] = (metrics["mse_weighted"] + metrics.get("pixel_weighted", 0.0)
+                        + metrics.get("ssim_weighted", 0.0))
+    return grad_loss, metrics
+
+  return loss_fn
