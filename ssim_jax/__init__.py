@@ -1,0 +1,35 @@
+"""ssim_jax: range-safe SSIM, masked SSIM and MS-SSIM for JAX.
+
+Images are channels-last `[B, H, W, C]` (or `[H, W, C]`), float16, bfloat16
+or float32; statistics are computed and results returned in float32; every
+function is pure, differentiable and works under `jit`, `vmap`, `grad` and
+`jax.shard_map`. Options are keyword-only. See `ssim_jax.ssim` for the
+formulas and the mask modes.
+"""
+
+import importlib.util as _importlib_util
+
+from ssim_jax.ssim import SSIMSums
+from ssim_jax.ssim import l1_ssim_loss
+from ssim_jax.ssim import loss_from_sums
+from ssim_jax.ssim import ssim
+from ssim_jax.ssim import ssim_loss
+from ssim_jax.ssim import ssim_map
+from ssim_jax.ssim import ssim_sums
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "SSIMSums",
+    "l1_ssim_loss",
+    "loss_from_sums",
+    "ssim",
+    "ssim_loss",
+    "ssim_map",
+    "ssim_sums",
+)
+
+# The flow-matching helpers live in a submodule written separately; import it
+# when present so `from ssim_jax import flow` and `ssim_jax.flow` both work.
+if _importlib_util.find_spec("ssim_jax.flow") is not None:
+  from ssim_jax import flow  # noqa: F401

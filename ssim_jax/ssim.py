@@ -1,0 +1,485 @@
+"""SSIM maps, per-image SSIM, mask-weighted sums and losses.
+
+Contract (all public functions): images channels-last `[B, H, W, C]` (or
+`[H, W, C]`, then the batch axis is dropped from results), float16, bfloat16
+or float32; statistics and results in float32; one value per image pair.
+
+    SSIM = l * cs,   l  = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1),
+                     cs = (2 cov + C2) / (var_x + var_y + C2),
+    C1 = (k1 L)^2, C2 = (k2 L)^2, L = data_range (per image).
+
+With variances >= 0 and |cov| clamped (see `stats`), |l| <= 1 and |cs| <= 1
+hold in float32, so SSIM is in [-1, 1] and every loss `1 - SSIM` is in
+[0, 2] by construction: no final clamp (a clamp to [0, 1] would zero the
+gradient whenever SSIM < 0). `ssim(x, x) == 1` exactly: the two images go
+through identical expressions.
+
+Masks are per-pixel non-negative weights broadcastable to `[B, H, W, 1|C]`:
+
+- ``mask_mode="weighted"``: the map is averaged with the mask as weights,
+  the mask cropped to the valid region of the map (`K//2` pixels per side for
+  'valid' padding). A mask of ones equals no mask.
+- ``mask_mode="foreground"``: the window statistics themselves are
+  mask-weighted (normalised convolution), so masked-out pixels cannot change
+  the result whatever their value; the map is then averaged with the
+  (aligned) mask as weights. Windows with no mask mass carry no weight.
+
+Batch / chunk / device reduction: `ssim_sums` returns per image the
+mask-weighted sum of the map and the mask mass; any mass-weighted mean over
+images, chunks or devices is `psum(weighted_sum) / psum(mass)`
+(`loss_from_sums`). Empty mass gives loss 0 with zero gradient, never NaN.
+
+NaN or Inf in (unmasked) images propagates to the result: the metric does not
+hide it (a trainer decides to skip the step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssim_jax import checks
+from ssim_jax import filters
+from ssim_jax import stats as stats_lib
+
+
+class SSIMSums(NamedTuple):
+  """Additive per-image SSIM partial results.
+
+  Attributes:
+    weighted_sum: float32 `[B]`, sum over (H', W', C) of weight * SSIM map.
+    mass: float32 `[B]`, sum over (H', W', C) of the weight (mask aligned to
+      the map and broadcast over channels; H'W'C when there is no mask).
+  """
+  weighted_sum: jax.Array
+  mass: jax.Array
+
+
+class _Setup(NamedTuple):
+  x: jax.Array          # float32 [B, H, W, C]
+  y: jax.Array          # float32 [B, H, W, C]
+  batched: bool
+  kernel: np.ndarray    # [K] window actually used (after shrinking)
+  c1: jax.Array         # float32 [B]
+  c2: jax.Array         # float32 [B]
+  mask: jax.Array | None  # float32 [B, H, W, 1|C], full resolution
+  padding: str
+  mask_mode: str
+  filter_method: str
+
+
+def _setup(x, y, *, data_range, window_size, sigma, k1, k2, padding, mask,
+           mask_mode, filter_method, mask_name="mask") -> _Setup:
+  """Validates every argument (trace time) and prepares float32 inputs."""
+  images = checks.check_images(x, y)
+  b, h, w, _ = images.x.shape
+  window_size, sigma = checks.check_window(window_size, sigma)
+  k1, k2 = checks.check_constants(k1, k2)
+  padding = checks.check_choice(padding, "padding", checks.PADDINGS)
+  mask_mode = checks.check_choice(mask_mode, "mask_mode", checks.MASK_MODES)
+  filter_method = checks.check_filter_method(filter_method)
+  dr = checks.check_data_range(data_range, b)
+  mask = checks.check_mask(mask, images.x.shape, batched=images.batched,
+                           name=mask_name)
+  k = checks.effective_window(window_size, h, w)
+  kernel = filters.gaussian_kernel(k, sigma)
+  c1 = jnp.square(k1 * dr)
+  c2 = jnp.square(k2 * dr)
+  return _Setup(images.x, images.y, images.batched, kernel, c1, c2, mask,
+                padding, mask_mode, filter_method)
+
+
+def _per_image(c: jax.Array) -> jax.Array:
+  """[B] -> [B, 1, 1, 1] for broadcasting against maps."""
+  return c[:, None, None, None]
+
+
+def _ssim_from_stats(st: stats_lib.LocalStats, c1: jax.Array,
+                     c2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Luminance and contrast-structure maps, each in [-1, 1] exactly.
+
+  Args:
+    st: clamped local statistics, `[B, H', W', C]`.
+    c1: float32 `[B]`.
+    c2: float32 `[B]`.
+
+  Returns:
+    `(luminance, cs)` float32 `[B, H', W', C]`.
+  """
+  c1 = _per_image(c1)
+  c2 = _per_image(c2)
+  sq = st.mu_x * st.mu_x + st.mu_y * st.mu_y
+  # |2 mu_x mu_y| <= mu_x^2 + mu_y^2 in exact arithmetic; the clip makes it
+  # hold after rounding too (0.5 * sq is exact), so |l| <= 1 in float32.
+  half = 0.5 * sq
+  cross = jnp.clip(st.mu_x * st.mu_y, -half, half)
+  luminance = (2.0 * cross + c1) / (sq + c1)
+  cs = (2.0 * st.cov + c2) / ((st.var_x + st.var_y) + c2)
+  return luminance, cs
+
+
+def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
+              c1: jax.Array, c2: jax.Array, padding: str,
+              filter_method: str) -> jax.Array:
+  """SSIM map of float32 `[B, H, W, C]` images -> `[B, H', W', C]`."""
+  st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
+                             filter_method=filter_method)
+  luminance, cs = _ssim_from_stats(st, c1, c2)
+  return luminance * cs
+
+
+def _weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
+                       kernel: np.ndarray, c1: jax.Array, c2: jax.Array,
+                       padding: str, filter_method: str) -> jax.Array:
+  """Per image, sum over (H', W', C) of `map_weights * ssim_map`.
+
+  The single route of every non-foreground SSIM value (a fused
+  implementation can replace this body; keep it pure).
+
+  Args:
+    x: float32 `[B, H, W, C]`.
+    y: float32 `[B, H, W, C]`.
+    map_weights: float32, broadcastable to the map `[B, H', W', C]`
+      (already aligned to the map region; ones when there is no mask).
+    kernel: 1-D window `[K]`.
+    c1: float32 `[B]`.
+    c2: float32 `[B]`.
+    padding: "valid" or "same".
+    filter_method: lowering passed to `filters.blur`.
+
+  Returns:
+    float32 `[B]`.
+  """
+  smap = _ssim_map(x, y, kernel=kernel, c1=c1, c2=c2, padding=padding,
+                   filter_method=filter_method)
+  return jnp.sum(map_weights * smap, axis=(1, 2, 3))
+
+
+def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
+  """Foreground-only SSIM map and its weights, both `[B, H', W', C]`."""
+  st, local_mass = stats_lib.masked_local_stats(
+      s.x, s.y, s.mask, kernel=s.kernel, padding=s.padding,
+      filter_method=s.filter_method)
+  luminance, cs = _ssim_from_stats(st, s.c1, s.c2)
+  smap = luminance * cs
+  weights = jnp.broadcast_to(_align(s.mask, s.kernel, s.padding), smap.shape)
+  weights = jnp.where(local_mass > 0, weights, 0.0)
+  return smap, weights
+
+
+def _align(mask: jax.Array, kernel: np.ndarray, padding: str) -> jax.Array:
+  """Crops a full-resolution mask to the region of the map."""
+  if padding == "same":
+    return mask
+  r = kernel.shape[0] // 2
+  return mask[:, r:mask.shape[1] - r, r:mask.shape[2] - r, :]
+
+
+def _map_size(s: _Setup) -> tuple[int, int, int, int]:
+  b, h, w, c = s.x.shape
+  if s.padding == "same":
+    return b, h, w, c
+  k = s.kernel.shape[0]
+  return b, h - k + 1, w - k + 1, c
+
+
+def _sums(s: _Setup) -> SSIMSums:
+  if s.mask is not None and s.mask_mode == "foreground":
+    smap, weights = _foreground_map(s)
+    return SSIMSums(jnp.sum(weights * smap, axis=(1, 2, 3)),
+                    jnp.sum(weights, axis=(1, 2, 3)))
+  shape = _map_size(s)
+  if s.mask is None:
+    map_weights = jnp.ones((1, 1, 1, 1), jnp.float32)
+    mass = jnp.full((shape[0],), float(np.prod(shape[1:])), jnp.float32)
+  else:
+    map_weights = _align(s.mask, s.kernel, s.padding)
+    mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=(1, 2, 3))
+  total = _weighted_ssim_sum(s.x, s.y, map_weights, kernel=s.kernel, c1=s.c1,
+                             c2=s.c2, padding=s.padding,
+                             filter_method=s.filter_method)
+  return SSIMSums(total, mass)
+
+
+def safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """num / den where den > 0, else 0 with zero gradient (never NaN)."""
+  ok = den > 0
+  return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def _unbatch(a: jax.Array, batched: bool) -> jax.Array:
+  return a if batched else a[0]
+
+
+def ssim_map(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float | jax.Array = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "valid",
+    mask: jax.Array | None = None,
+    mask_mode: str = "weighted",
+    filter_method: str = "auto",
+) -> jax.Array:
+  """Per-pixel SSIM map.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]`, float16/bfloat16/float32.
+    y: same shape as `x`.
+    data_range: dynamic range L of the images (e.g. 1.0 or 255.0), a float or
+      a float array `[B]` (per image).
+    window_size: odd Gaussian window size >= 3; shrinks to the largest odd
+      size that fits images smaller than the window.
+    sigma: Gaussian standard deviation, pixels.
+    k1: luminance constant, C1 = (k1 L)^2.
+    k2: contrast constant, C2 = (k2 L)^2.
+    padding: "valid" (map `[B, H-K+1, W-K+1, C]`; skimage, dm_pix,
+      pytorch-msssim, tf.image.ssim) or "same" (zero padding, map
+      `[B, H, W, C]`; Gaussian-splatting code, fused-ssim).
+    mask: optional non-negative weights `[B, H, W, 1|C]`. In "weighted" mode
+      the map does not depend on it (use `ssim` for the weighted mean); in
+      "foreground" mode the map is computed from masked pixels only.
+    mask_mode: "weighted" or "foreground".
+    filter_method: blur lowering, "auto" lets `filters.choose_method` pick.
+
+  Returns:
+    float32 map `[B, H', W', C]` (no batch axis for `[H, W, C]` inputs),
+    values in [-1, 1]. In foreground mode, windows without mask mass hold the
+    finite value 1 (they carry no weight in `ssim`).
+
+  Example:
+    >>> m = ssim_map(x, y, data_range=1.0)   # x, y: [B, 64, 64, 3] in [0, 1]
+    >>> m.shape
+    (B, 54, 54, 3)
+  """
+  s = _setup(x, y, data_range=data_range, window_size=window_size,
+             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+             mask_mode=mask_mode, filter_method=filter_method)
+  if s.mask is not None and s.mask_mode == "foreground":
+    smap, _ = _foreground_map(s)
+  else:
+    smap = _ssim_map(s.x, s.y, kernel=s.kernel, c1=s.c1, c2=s.c2,
+                     padding=s.padding, filter_method=s.filter_method)
+  chex.assert_shape(smap, _map_size(s))
+  return _unbatch(smap, s.batched)
+
+
+def ssim_sums(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float | jax.Array = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "valid",
+    mask: jax.Array | None = None,
+    mask_mode: str = "weighted",
+    filter_method: str = "auto",
+) -> SSIMSums:
+  """Per-image mask-weighted SSIM sum and mask mass (additive partials).
+
+  Per-image SSIM is `weighted_sum / mass`; a loss over a batch, several
+  chunks or devices is `1 - psum(weighted_sum) / psum(mass)` (see
+  `loss_from_sums`), so images count by their mask mass.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]`, floating.
+    y: same shape as `x`.
+    data_range: float or float array `[B]`.
+    window_size: odd window >= 3 (shrinks for small images).
+    sigma: Gaussian standard deviation, pixels.
+    k1: luminance constant.
+    k2: contrast constant.
+    padding: "valid" or "same".
+    mask: optional non-negative weights `[B, H, W, 1|C]` at full image
+      resolution (aligned to the map region by the library).
+    mask_mode: "weighted" or "foreground".
+    filter_method: blur lowering.
+
+  Returns:
+    `SSIMSums(weighted_sum, mass)`, each float32 `[B]` (scalars for
+    `[H, W, C]` inputs).
+
+  Example:
+    >>> s = ssim_sums(x, y, mask=m)
+    >>> loss = loss_from_sums(s)          # == ssim_loss(x, y, mask=m)
+  """
+  s = _setup(x, y, data_range=data_range, window_size=window_size,
+             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+             mask_mode=mask_mode, filter_method=filter_method)
+  out = _sums(s)
+  chex.assert_shape([out.weighted_sum, out.mass], (s.x.shape[0],))
+  return SSIMSums(_unbatch(out.weighted_sum, s.batched),
+                  _unbatch(out.mass, s.batched))
+
+
+def ssim(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float | jax.Array = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "valid",
+    mask: jax.Array | None = None,
+    mask_mode: str = "weighted",
+    filter_method: str = "auto",
+) -> jax.Array:
+  """Per-image SSIM (Wang et al. 2004), the mask-weighted mean of the map.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]`, float16/bfloat16/float32.
+    y: same shape as `x`.
+    data_range: float or float array `[B]`.
+    window_size: odd window >= 3 (shrinks for small images).
+    sigma: Gaussian standard deviation, pixels.
+    k1: luminance constant.
+    k2: contrast constant.
+    padding: "valid" or "same".
+    mask: optional non-negative weights `[B, H, W, 1|C]`.
+    mask_mode: "weighted" or "foreground".
+    filter_method: blur lowering.
+
+  Returns:
+    float32 `[B]` in [-1, 1] (scalar for `[H, W, C]` inputs). An image whose
+    mask mass is 0 gets 0 with zero gradient (it has no pixels to compare).
+
+  Example:
+    >>> ssim(x, x)                        # [1., 1., ...]
+    >>> ssim(x, y, data_range=255.0)      # uint8-range float images
+  """
+  sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
+                   sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+                   mask_mode=mask_mode, filter_method=filter_method)
+  return safe_ratio(sums.weighted_sum, sums.mass)
+
+
+def loss_from_sums(sums: SSIMSums, *, axis_name: Any = None) -> jax.Array:
+  """`1 - sum(weighted_sum) / sum(mass)` over images (and devices).
+
+  Args:
+    sums: `SSIMSums` with fields of any (equal) shape, e.g. `[B]`.
+    axis_name: optional mapped axis name(s) (inside `jax.shard_map` /
+      `vmap`) to `psum` the partials over.
+
+  Returns:
+    float32 scalar in [0, 2]; 0 with zero gradient when the total mass is 0.
+  """
+  total = jnp.sum(jnp.asarray(sums.weighted_sum, jnp.float32))
+  mass = jnp.sum(jnp.asarray(sums.mass, jnp.float32))
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+    mass = jax.lax.psum(mass, axis_name)
+  return jnp.where(mass > 0, 1.0 - safe_ratio(total, mass), 0.0)
+
+
+def ssim_loss(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float | jax.Array = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "valid",
+    mask: jax.Array | None = None,
+    mask_mode: str = "weighted",
+    filter_method: str = "auto",
+) -> jax.Array:
+  """Scalar `1 - SSIM` over the batch, mask-mass weighted.
+
+  Images count by their mask mass (twice the mass, twice the weight); a batch
+  with zero mask mass gives 0 with zero gradient, never NaN.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]`, floating.
+    y: same shape as `x`.
+    data_range: float or float array `[B]`.
+    window_size: odd window >= 3 (shrinks for small images).
+    sigma: Gaussian standard deviation, pixels.
+    k1: luminance constant.
+    k2: contrast constant.
+    padding: "valid" or "same".
+    mask: optional non-negative weights `[B, H, W, 1|C]`.
+    mask_mode: "weighted" or "foreground".
+    filter_method: blur lowering.
+
+  Returns:
+    float32 scalar in [0, 2].
+
+  Example:
+    >>> grads = jax.grad(lambda p: ssim_loss(render(p), target))(params)
+  """
+  sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
+                   sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+                   mask_mode=mask_mode, filter_method=filter_method)
+  return loss_from_sums(sums)
+
+
+def l1_ssim_loss(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    ssim_weight: float = 0.2,
+    weight_map: jax.Array | None = None,
+    data_range: float | jax.Array = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "same",
+    filter_method: str = "auto",
+) -> jax.Array:
+  """Gaussian-splatting loss `(1 - lambda) L1 + lambda (1 - SSIM)`.
+
+  With `weight_map` (a per-pixel region-of-interest weight) both terms are
+  weighted means: L1 = sum(w |x - y|) / sum(w) over pixels and channels, and
+  SSIM the w-weighted mean of the map (mask_mode "weighted"). Zero total
+  weight gives 0 with zero gradient.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]`, floating (e.g. the rendering).
+    y: same shape as `x` (e.g. the ground truth).
+    ssim_weight: lambda in [0, 1].
+    weight_map: optional non-negative weights `[B, H, W, 1|C]`.
+    data_range: float or float array `[B]` (SSIM constants only).
+    window_size: odd window >= 3 (shrinks for small images).
+    sigma: Gaussian standard deviation, pixels.
+    k1: luminance constant.
+    k2: contrast constant.
+    padding: "same" (zero padding, the Gaussian-splatting convention) or
+      "valid".
+    filter_method: blur lowering.
+
+  Returns:
+    float32 scalar >= 0 (<= 2 * data_range-scaled L1 bound + 2 lambda).
+
+  Example:
+    >>> loss = l1_ssim_loss(render, gt, ssim_weight=0.2)
+  """
+  lam = checks.check_unit_interval(ssim_weight, "ssim_weight")
+  s = _setup(x, y, data_range=data_range, window_size=window_size,
+             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=weight_map,
+             mask_mode="weighted", filter_method=filter_method,
+             mask_name="weight_map")
+  absdiff = jnp.abs(s.x - s.y)
+  if s.mask is None:
+    l1 = jnp.mean(absdiff)
+  else:
+    w = jnp.broadcast_to(s.mask, s.x.shape)
+    l1 = safe_ratio(jnp.sum(w * absdiff), jnp.sum(w))
+  ssim_term = loss_from_sums(_sums(s))
+  return (1.0 - lam) * l1 + lam * ssim_term

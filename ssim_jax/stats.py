@@ -1,0 +1,175 @@
+"""Local (windowed) statistics for SSIM, computed accurately in float32.
+
+The SSIM statistics are local means, variances and the covariance of two
+images under a Gaussian window. The textbook form `E[x^2] - E[x]^2` cancels
+catastrophically in float32 when the local mean is large compared with the
+local standard deviation (the mechanism that made SSIM exceed 1 on constant
+backgrounds). Two measures keep the result accurate and in range:
+
+- values are centred on their per-image, per-channel (mask-weighted) mean
+  before squaring; variance and covariance are shift invariant, and the
+  uncentred local means (needed by the luminance term) get the offset back;
+- variances are clamped at 0 and the covariance at +-min(sqrt(var_x var_y),
+  (var_x + var_y) / 2), gradient-safely, so the contrast-structure term lies
+  in [-1, 1] even after float32 rounding.
+
+All functions take float32 `[B, H, W, C]` and return float32 maps of the
+blur's output size (`[B, H-K+1, W-K+1, C]` for 'valid', `[B, H, W, C]` for
+'same').
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssim_jax import filters
+
+
+class LocalStats(NamedTuple):
+  """Windowed statistics of an image pair, each float32 `[B, H', W', C]`.
+
+  Attributes:
+    mu_x: local mean of x (uncentred, in image units).
+    mu_y: local mean of y.
+    var_x: local variance of x, >= 0.
+    var_y: local variance of y, >= 0.
+    cov: local covariance, |cov| <= min(sqrt(var_x var_y), (var_x+var_y)/2).
+  """
+  mu_x: jax.Array
+  mu_y: jax.Array
+  var_x: jax.Array
+  var_y: jax.Array
+  cov: jax.Array
+
+
+def safe_sqrt(a: jax.Array) -> jax.Array:
+  """sqrt(max(a, 0)) with a finite (zero) gradient at and below 0."""
+  positive = a > 0
+  # Double where: the untaken branch must not see 0 either, or its infinite
+  # derivative turns into NaN through the where's zero cotangent.
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, a, 1.0)), 0.0)
+
+
+def _clamp(mu_x, mu_y, var_x, var_y, cov) -> LocalStats:
+  var_x = jnp.maximum(var_x, 0.0)
+  var_y = jnp.maximum(var_y, 0.0)
+  # Cauchy-Schwarz, and the AM-GM bound that makes 2|cov| <= var_x + var_y
+  # hold exactly in float32 too (0.5 * s is exact), so cs is in [-1, 1].
+  bound = jnp.minimum(safe_sqrt(var_x * var_y), 0.5 * (var_x + var_y))
+  cov = jnp.clip(cov, -bound, bound)
+  return LocalStats(mu_x, mu_y, var_x, var_y, cov)
+
+
+def _border_mass(height: int, width: int, kernel: np.ndarray) -> np.ndarray:
+  """blur(ones) under zero 'same' padding, float32 `[1, H, W, 1]` (host)."""
+  k = np.asarray(kernel, np.float64)
+  bh = np.convolve(np.ones(height), k, mode="same")
+  bw = np.convolve(np.ones(width), k, mode="same")
+  return np.outer(bh, bw).astype(np.float32)[None, :, :, None]
+
+
+def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
+                padding: str, filter_method: str) -> LocalStats:
+  """Gaussian-windowed statistics of an image pair (no mask).
+
+  Args:
+    x: float32 `[B, H, W, C]`.
+    y: float32 `[B, H, W, C]`.
+    kernel: 1-D window `[K]` from `filters.gaussian_kernel`.
+    padding: "valid" or "same" (zero padding, as in Gaussian-splatting code).
+    filter_method: lowering passed to `filters.blur`.
+
+  Returns:
+    `LocalStats`, each `[B, H', W', C]`.
+  """
+  # Per-image, per-channel centring: exact shift invariance of var/cov, and
+  # identical expressions for x and y, so x == y gives identical statistics.
+  ox = jnp.mean(x, axis=(1, 2), keepdims=True)
+  oy = jnp.mean(y, axis=(1, 2), keepdims=True)
+  xc = x - ox
+  yc = y - oy
+  # One blur over all five maps (channels stacked): one filter launch.
+  maps = jnp.concatenate([xc, yc, xc * xc, yc * yc, xc * yc], axis=-1)
+  blurred = filters.blur(maps, kernel, padding=padding, method=filter_method)
+  m_x, m_y, e_xx, e_yy, e_xy = jnp.split(blurred, 5, axis=-1)
+  var_x = e_xx - m_x * m_x
+  var_y = e_yy - m_y * m_y
+  cov = e_xy - m_x * m_y
+  if padding == "valid":
+    return _clamp(m_x + ox, m_y + oy, var_x, var_y, cov)
+  # Zero padding pads the *uncentred* image. With b1 = blur(ones) (< 1 only
+  # near the border) the uncentred moments are recovered exactly:
+  #   mu = m + o b1,  var += 2 o m (1-b1) + o^2 b1 (1-b1),
+  #   cov += (o_x m_y + o_y m_x)(1-b1) + o_x o_y b1 (1-b1).
+  # The terms are written symmetrically so that x == y stays bit-identical.
+  b1 = jnp.asarray(_border_mass(x.shape[1], x.shape[2], kernel))
+  rest = 1.0 - b1
+
+  def extra(o_a, m_a, o_b, m_b):
+    return (o_a * m_b * rest + o_b * m_a * rest) + o_a * o_b * (b1 * rest)
+
+  return _clamp(m_x + ox * b1, m_y + oy * b1,
+                var_x + extra(ox, m_x, ox, m_x),
+                var_y + extra(oy, m_y, oy, m_y),
+                cov + extra(ox, m_x, oy, m_y))
+
+
+def masked_local_stats(
+    x: jax.Array, y: jax.Array, mask: jax.Array, *, kernel: np.ndarray,
+    padding: str, filter_method: str,
+) -> tuple[LocalStats, jax.Array]:
+  """Mask-weighted (normalised-convolution) windowed statistics.
+
+  Local moments use only masked pixels: `mu = blur(m x) / blur(m)` etc., so
+  pixels with mask 0 cannot change the result whatever their value (even
+  NaN or Inf: they are replaced by 0 before filtering).
+
+  Args:
+    x: float32 `[B, H, W, C]`.
+    y: float32 `[B, H, W, C]`.
+    mask: float32 `[B, H, W, 1|C]`, non-negative.
+    kernel: 1-D window `[K]`.
+    padding: "valid" or "same".
+    filter_method: lowering passed to `filters.blur`.
+
+  Returns:
+    `(stats, local_mass)`: `LocalStats` maps `[B, H', W', C]` (finite
+    everywhere; where `local_mass` is 0 they are 0) and the blurred mask
+    `[B, H', W', C]` (the window's mask mass, in [0, max(mask)]).
+  """
+  mask = jnp.broadcast_to(mask, x.shape)
+  inside = mask > 0
+  x = jnp.where(inside, x, 0.0)
+  y = jnp.where(inside, y, 0.0)
+  mass = jnp.sum(mask, axis=(1, 2), keepdims=True)
+  safe_mass = jnp.where(mass > 0, mass, 1.0)
+  ox = jnp.sum(mask * x, axis=(1, 2), keepdims=True) / safe_mass
+  oy = jnp.sum(mask * y, axis=(1, 2), keepdims=True) / safe_mass
+  xc = jnp.where(inside, x - ox, 0.0)
+  yc = jnp.where(inside, y - oy, 0.0)
+  maps = jnp.concatenate(
+      [mask, mask * xc, mask * yc, mask * xc * xc, mask * yc * yc,
+       mask * xc * yc], axis=-1)
+  blurred = filters.blur(maps, kernel, padding=padding, method=filter_method)
+  w, s_x, s_y, s_xx, s_yy, s_xy = jnp.split(blurred, 6, axis=-1)
+  # Relative threshold: blur rounding can leave ~1e-9 where the window holds
+  # no mask at all; such windows are "empty" (no statistics, no weight).
+  has = w > 1e-6 * jnp.max(mask, axis=(1, 2), keepdims=True)
+  safe_w = jnp.where(has, w, 1.0)
+
+  def norm(s):
+    return jnp.where(has, s / safe_w, 0.0)
+
+  m_x, m_y = norm(s_x), norm(s_y)
+  var_x = norm(s_xx) - m_x * m_x
+  var_y = norm(s_yy) - m_y * m_y
+  cov = norm(s_xy) - m_x * m_y
+  # Empty windows: mean 0 (not the offset), so the map value there is the
+  # finite constant 1 and carries no weight.
+  mu_x = jnp.where(has, m_x + ox, 0.0)
+  mu_y = jnp.where(has, m_y + oy, 0.0)
+  return _clamp(mu_x, mu_y, var_x, var_y, cov), jnp.where(has, w, 0.0)
