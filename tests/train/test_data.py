@@ -1,0 +1,217 @@
+"""Tests of train/data.py: determinism, resume, sharding, held-out val, folders."""
+
+import logging
+import os
+import threading
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import data
+
+
+def _cfg(**kw):
+  c = ml_collections.ConfigDict(dict(dir="", hr_size=32, scale=4, num_val=4, prefetch=2))
+  c.update(kw)
+  return c
+
+
+@pytest.fixture(scope="module")
+def retina():
+  return data.make_datasets(_cfg(), batch_size_per_process=4, seed=3)
+
+
+def _take(it, n):
+  with it:
+    return [next(it) for _ in range(n)]
+
+
+def test_shapes_range_and_area_downsampling(retina):
+  (b,) = _take(retina.train_iter(0), 1)
+  assert b.highres.shape == (4, 32, 32, 3) and b.highres.dtype == np.float32
+  assert b.lowres.shape == (4, 8, 8, 3) and b.lowres.dtype == np.float32
+  assert b.highres.min() >= -1.0 and b.highres.max() <= 1.0
+  # Low-res = mean over 4x4 blocks of the high-res crop.
+  blocks = b.highres.reshape(4, 8, 4, 8, 4, 3).mean(axis=(2, 4))
+  np.testing.assert_allclose(b.lowres, blocks, atol=1e-6)
+  assert retina.val.highres.shape == (4, 32, 32, 3)
+  assert retina.val.lowres.shape == (4, 8, 8, 3)
+  # Crops are mostly fundus, not the black background (-1).
+  assert (retina.val.highres.mean(axis=-1) > -0.85).mean() > 0.8
+
+
+def test_deterministic_and_seed_dependent(retina):
+  again = data.make_datasets(_cfg(), batch_size_per_process=4, seed=3)
+  other = data.make_datasets(_cfg(), batch_size_per_process=4, seed=4)
+  a, b, c = (_take(d.train_iter(0), 3) for d in (retina, again, other))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x.highres, y.highres)
+    np.testing.assert_array_equal(x.lowres, y.lowres)
+  assert not np.array_equal(a[0].highres, c[0].highres)
+  assert not np.array_equal(a[0].highres, a[1].highres)
+  # Validation does not depend on the training seed.
+  np.testing.assert_array_equal(retina.val.highres, other.val.highres)
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_resume_equivalence(prefetch):
+  ds = data.make_datasets(_cfg(prefetch=prefetch), batch_size_per_process=2, seed=7)
+  full = _take(ds.train_iter(0), 7)
+  resumed = _take(ds.train_iter(4), 3)
+  for x, y in zip(full[4:], resumed):
+    np.testing.assert_array_equal(x.highres, y.highres)
+    np.testing.assert_array_equal(x.lowres, y.lowres)
+
+
+def test_process_shards_are_disjoint_and_compose_the_global_batch():
+  single = data.make_datasets(_cfg(), batch_size_per_process=6, seed=1)
+  shards = [data.make_datasets(_cfg(), batch_size_per_process=3, seed=1,
+                               process_index=p, process_count=2) for p in range(2)]
+  specs = [set(map(tuple, s.train_iter.plan_step(5))) for s in shards]
+  assert len(specs[0]) == 3 and len(specs[1]) == 3
+  assert not specs[0] & specs[1]
+  g = _take(single.train_iter(2), 2)
+  p = [_take(s.train_iter(2), 2) for s in shards]
+  for k in range(2):
+    np.testing.assert_array_equal(
+        np.concatenate([p[0][k].highres, p[1][k].highres]), g[k].highres)
+    assert not np.array_equal(p[0][k].highres, p[1][k].highres)
+
+
+def test_val_region_is_held_out(retina):
+  ((t0, t1),) = retina.train_iter.train_regions
+  ((v0, v1),) = retina.train_iter.val_regions
+  assert t1 <= v0  # regions do not overlap
+  size = 32
+  for step in range(50):
+    for s in retina.train_iter.plan_step(step):
+      assert t0 <= s.y and s.y + size <= t1
+  for s in retina.train_iter.val_specs:
+    assert v0 <= s.y and s.y + size <= v1
+
+
+def test_prefetch_thread_stops_on_close():
+  ds = data.make_datasets(_cfg(prefetch=2), batch_size_per_process=2, seed=0)
+  it = ds.train_iter(0)
+  next(it)
+  assert it.alive
+  it.close()
+  assert not it.alive
+  with pytest.raises(StopIteration):
+    next(it)
+  with ds.train_iter(0) as it2:
+    next(it2)
+  assert not it2.alive
+  names = [t.name for t in threading.enumerate()]
+  assert "ssim_jax-prefetch" not in names
+
+
+def test_prefetch_propagates_errors():
+  def make(step):
+    if step == 2:
+      raise RuntimeError("boom at 2")
+    return step
+  it = data.BatchIterator(make, 0, prefetch=2)
+  assert next(it) == 0 and next(it) == 1
+  with pytest.raises(RuntimeError, match="boom at 2"):
+    next(it)
+  assert not it.alive
+
+
+# ---------------------------------------------------------------------------
+# Folder source.
+
+
+def _save(path, arr, **kw):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(arr).save(path, **kw)
+
+
+def _folder(tmp_path):
+  """Valid images of every supported kind, plus broken files."""
+  rng = np.random.default_rng(0)
+  root = tmp_path / "imgs"
+  rgb = rng.integers(0, 256, (40, 48, 3), np.uint8)
+  _save(str(root / "a_rgb.png"), rgb)
+  _save(str(root / "sub" / "b_gray16.png"),
+        rng.integers(0, 65536, (40, 40), np.uint16).astype(np.uint16))
+  _save(str(root / "sub" / "deeper" / "c_rgba.png"),
+        rng.integers(0, 256, (36, 36, 4), np.uint8))
+  _save(str(root / "d.jpg"), rgb, quality=90)
+  _save(str(root / "e.tif"), rng.integers(0, 256, (40, 40), np.uint8))
+  _save(str(root / "f_small.png"), rgb[:8, :8])  # smaller than a crop
+  (root / "g_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
+  good = (root / "a_rgb.png").read_bytes()
+  (root / "h_truncated.png").write_bytes(good[: len(good) // 2])
+  (root / "notes.txt").write_text("not an image")
+  return root
+
+
+def test_folder_reads_all_formats_and_counts_bad_files(tmp_path, caplog):
+  root = _folder(tmp_path)
+  with caplog.at_level(logging.WARNING):
+    ds = data.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=3, seed=0)
+  st = ds.stats
+  assert st.source == "folder"
+  assert st.files_found == 8  # notes.txt is not a candidate
+  assert st.files_read == 5 and st.files_skipped == 3
+  skipped = {os.path.basename(p) for p, _ in st.skipped}
+  assert skipped == {"f_small.png", "g_corrupt.png", "h_truncated.png"}
+  assert "g_corrupt.png" in caplog.text and "h_truncated.png" in caplog.text
+  (b,) = _take(ds.train_iter(0), 1)
+  assert b.highres.shape == (3, 16, 16, 3)
+  assert np.isfinite(b.highres).all() and b.highres.min() >= -1 and b.highres.max() <= 1
+
+
+def test_folder_decoding_16bit_gray_and_rgba(tmp_path):
+  p16 = tmp_path / "g16.png"
+  Image.fromarray(np.full((4, 5), 65535, np.uint16)).save(p16)
+  img = data.load_image(str(p16))
+  assert img.shape == (4, 5, 3) and img.dtype == np.uint16 and (img == 65535).all()
+  prgba = tmp_path / "rgba.png"
+  arr = np.zeros((3, 3, 4), np.uint8)
+  arr[..., 0] = 255
+  arr[..., 3] = 7
+  Image.fromarray(arr).save(prgba)
+  img = data.load_image(str(prgba))
+  assert img.shape == (3, 3, 3) and (img[..., 0] == 255).all() and (img[..., 1:] == 0).all()
+  np.testing.assert_array_equal(data._to_float(np.array([0, 65535], np.uint16)), [-1.0, 1.0])
+
+
+def test_folder_holds_out_whole_files(tmp_path):
+  # Ten constant images with distinct values: every crop tells its file.
+  root = tmp_path / "const"
+  levels = [10 * (i + 1) for i in range(10)]
+  for i, v in enumerate(levels):
+    _save(str(root / f"img{i:02d}.png"), np.full((20, 20, 3), v, np.uint8))
+  ds = data.make_datasets(_cfg(dir=str(root), hr_size=16, num_val=3),
+                          batch_size_per_process=8, seed=0)
+  to_level = lambda x: set(np.round((x[:, 0, 0, 0] + 1) * 127.5).astype(int).tolist())
+  assert to_level(ds.val.highres) == {levels[9]}
+  seen = set()
+  for b in _take(ds.train_iter(0), 5):
+    seen |= to_level(b.highres)
+  assert levels[9] not in seen and len(seen) > 3
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "only_bad"])
+def test_folder_errors_name_data_dir(tmp_path, case):
+  root = tmp_path / "d"
+  if case != "missing":
+    root.mkdir()
+  if case == "only_bad":
+    (root / "x.png").write_bytes(b"garbage")
+  with pytest.raises(ValueError, match="data.dir"):
+    data.make_datasets(_cfg(dir=str(root)), batch_size_per_process=1, seed=0)
+
+
+def test_bad_config_values():
+  with pytest.raises(ValueError, match="scale"):
+    data.make_datasets(_cfg(hr_size=30, scale=4), batch_size_per_process=1, seed=0)
+  with pytest.raises(ValueError, match="source"):
+    data.make_datasets(_cfg(source="nope"), batch_size_per_process=1, seed=0)
+  with pytest.raises(ValueError, match="process_index"):
+    data.make_datasets(_cfg(), batch_size_per_process=1, seed=0, process_index=2,
+                       process_count=2)

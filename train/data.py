@@ -1,0 +1,549 @@
+"""Super-resolution data: embedded retina crops or a folder of images.
+
+Task: a high-resolution (HR) crop `[H, W, 3]` and its low-resolution (LR)
+version `[H / scale, W / scale, 3]`, both float32 in [-1, 1]. The LR image is
+the AREA (box) downsampling of the HR crop: the mean over each `scale x scale`
+block, computed in float32 after converting to [-1, 1] (an exact, alias-free
+average; no interpolation kernel and no rounding to 8 bits).
+
+Sources (`data_config.dir`, or `data_config.source`):
+
+- embedded (`dir == ""` or `source == "retina"`): crops of the retinal fundus
+  photograph `skimage.data.retina()` (1411 x 1411 RGB, shipped with
+  scikit-image, no download). The bottom `val_fraction` of the rows is a
+  held-out region: training crops lie entirely above it, validation crops
+  entirely inside it, so they never share a pixel. Crops are drawn only where
+  at least half of the crop is fundus (not black background).
+- folder (`dir` set): PNG / JPEG / TIFF files found recursively (sorted paths).
+  Grayscale -> RGB, RGBA / LA -> RGB (alpha dropped), 8- and 16-bit. Files that
+  cannot be decoded or are smaller than one crop are skipped AND counted in
+  `stats` (with a warning naming them). With two or more images, whole files
+  are held out for validation (every 10th file, at least one); with one image,
+  the bottom band of rows is held out as for the retina.
+
+Determinism and sharding: the sample `i` of the GLOBAL batch at step `s` is a
+pure function of `(seed, s, i)` (which image, where, which flips). Process `p`
+of `P` builds only samples `[p * B, (p + 1) * B)` of each global batch of
+`P * B`, so concatenating the process batches gives the same global batch for
+any process count, and resuming at step `k` yields exactly the batches an
+uninterrupted run sees from step `k`.
+
+Prefetch: `train_iter(start_step)` returns a `BatchIterator` that builds
+batches in a daemon thread into a bounded queue (`data_config.prefetch`
+batches; 0 builds them synchronously). `close()` (or leaving a `with` block)
+stops and joins the thread.
+
+Memory: decoded folder images are kept in host memory as uint8 / uint16
+(what they are on disk); this suits datasets up to a few GB per host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# Fraction of a retina crop that must be fundus (not the black background).
+_RETINA_MIN_FOREGROUND = 0.5
+_RETINA_FOREGROUND_LEVEL = 20  # uint8 gray level separating fundus from background
+_VAL_SEED = 1234  # validation crops do not depend on the training seed
+
+
+class Batch(NamedTuple):
+  """One batch of super-resolution pairs (host numpy arrays).
+
+  Attributes:
+    lowres: float32 `[B, H / scale, W / scale, 3]` in [-1, 1].
+    highres: float32 `[B, H, W, 3]` in [-1, 1].
+  """
+  lowres: np.ndarray
+  highres: np.ndarray
+
+
+@dataclasses.dataclass
+class DataStats:
+  """What the loader found.
+
+  Attributes:
+    source: "retina" or "folder".
+    files_found: candidate files (folder source; 0 for the retina).
+    files_read: files decoded successfully and large enough.
+    files_skipped: files that could not be decoded or were too small.
+    skipped: `(path, reason)` for each skipped file.
+    train_images / val_images: images (or image regions) per split.
+  """
+  source: str
+  files_found: int = 0
+  files_read: int = 0
+  files_skipped: int = 0
+  skipped: list = dataclasses.field(default_factory=list)
+  train_images: int = 0
+  val_images: int = 0
+
+
+class Datasets(NamedTuple):
+  """Returned by `make_datasets`.
+
+  Attributes:
+    train_iter: `train_iter(start_step) -> BatchIterator`, infinite, this
+      process's shard of each global batch from `start_step` on.
+    val: fixed validation `Batch` (the same in every process), `num_val` crops.
+    stats: `DataStats`.
+  """
+  train_iter: Callable[[int], "BatchIterator"]
+  val: Batch
+  stats: DataStats
+
+
+class _Region(NamedTuple):
+  """A rectangle of rows `[row0, row1)` of an image that crops may come from."""
+  image: np.ndarray  # [H, W, 3] uint8 or uint16
+  row0: int
+  row1: int
+  # Flat indices (y * W + x, relative to row0) of allowed crop corners, or
+  # None when every corner is allowed.
+  corners: np.ndarray | None
+
+
+class SampleSpec(NamedTuple):
+  """Where one sample comes from (exposed for tests and debugging)."""
+  region: int
+  y: int  # absolute row of the crop's top edge in the image
+  x: int
+  flip_h: bool
+  flip_v: bool
+
+
+# ----------------------------------------------------------------------------
+# Config access (accepts both field spellings used in configs/).
+
+
+def _cfg(config, names: Sequence[str], default):
+  for name in names:
+    if config is not None and name in config:
+      return config[name]
+  return default
+
+
+# ----------------------------------------------------------------------------
+# Image decoding.
+
+
+def _to_rgb(arr: np.ndarray) -> np.ndarray:
+  """Grayscale / LA / RGBA / RGB -> `[H, W, 3]`, dtype kept (uint8 / uint16)."""
+  if arr.ndim == 2:
+    arr = arr[..., None]
+  if arr.ndim != 3:
+    raise ValueError(f"unsupported image rank {arr.ndim}")
+  c = arr.shape[-1]
+  if c in (1, 2):  # gray, gray + alpha
+    arr = np.repeat(arr[..., :1], 3, axis=-1)
+  elif c in (3, 4):
+    arr = arr[..., :3]
+  else:
+    raise ValueError(f"unsupported channel count {c}")
+  if arr.dtype == np.uint8 or arr.dtype == np.uint16:
+    return np.ascontiguousarray(arr)
+  if arr.dtype == bool:
+    return arr.astype(np.uint8) * 255
+  if np.issubdtype(arr.dtype, np.integer):
+    # int32 'I' mode PNGs are 16-bit data in a wider container.
+    if arr.min() < 0 or arr.max() > 65535:
+      raise ValueError(f"integer pixel values outside [0, 65535] ({arr.dtype})")
+    return arr.astype(np.uint16)
+  if np.issubdtype(arr.dtype, np.floating):
+    if not np.all(np.isfinite(arr)):
+      raise ValueError("non-finite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+      raise ValueError(f"float pixel values outside [0, 1] ({lo}, {hi})")
+    return np.round(arr * 65535.0).astype(np.uint16)
+  raise ValueError(f"unsupported pixel dtype {arr.dtype}")
+
+
+def load_image(path: str) -> np.ndarray:
+  """Decodes one image file to `[H, W, 3]` uint8 or uint16.
+
+  Raises:
+    OSError / ValueError (and whatever Pillow raises) when the file is not a
+    decodable image; callers skip and count such files.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(path) as im:
+    im.load()  # full decode: truncated files fail here, not mid-training
+    if im.mode == "P" or im.mode == "PA":
+      im = im.convert("RGBA")
+    elif im.mode == "CMYK" or im.mode == "YCbCr":
+      im = im.convert("RGB")
+    arr = np.asarray(im)
+  if im.mode.startswith("I;16") and arr.dtype != np.uint16:
+    arr = arr.astype(np.uint16)
+  return _to_rgb(arr)
+
+
+def _to_float(pixels: np.ndarray) -> np.ndarray:
+  """uint8 / uint16 -> float32 in [-1, 1]."""
+  full = 255.0 if pixels.dtype == np.uint8 else 65535.0
+  return pixels.astype(np.float32) * np.float32(2.0 / full) - np.float32(1.0)
+
+
+def area_downsample(hr: np.ndarray, scale: int) -> np.ndarray:
+  """Box (area) downsampling: mean over `scale x scale` blocks.
+
+  Args:
+    hr: float `[..., H, W, C]`, H and W divisible by `scale`.
+    scale: integer factor >= 1.
+
+  Returns:
+    float32 `[..., H / scale, W / scale, C]`.
+  """
+  *lead, h, w, c = hr.shape
+  if h % scale or w % scale:
+    raise ValueError(f"scale={scale} does not divide the image size {h}x{w}")
+  blocks = hr.reshape(*lead, h // scale, scale, w // scale, scale, c)
+  return blocks.mean(axis=(-4, -2), dtype=np.float32).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Regions and crop planning.
+
+
+def _foreground_corners(image: np.ndarray, row0: int, row1: int, size: int,
+                        min_fraction: float) -> np.ndarray:
+  """Flat corner indices of `size` crops in rows [row0, row1) that are mostly fundus."""
+  gray = image[row0:row1].astype(np.float32).mean(-1)
+  if image.dtype == np.uint16:
+    gray = gray / 257.0
+  fg = (gray > _RETINA_FOREGROUND_LEVEL).astype(np.int64)
+  # Integral image: foreground count of every size x size window in O(HW).
+  ii = np.pad(fg.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+  counts = ii[size:, size:] - ii[:-size, size:] - ii[size:, :-size] + ii[:-size, :-size]
+  ok = counts >= min_fraction * size * size
+  return np.flatnonzero(ok).astype(np.int64)
+
+
+def _make_region(image, row0, row1, size, min_fraction) -> _Region | None:
+  h, w = row1 - row0, image.shape[1]
+  if h < size or w < size:
+    return None
+  corners = None
+  if min_fraction > 0:
+    corners = _foreground_corners(image, row0, row1, size, min_fraction)
+    if corners.size == 0:
+      corners = None  # nothing qualifies: fall back to every position
+  return _Region(image, row0, row1, corners)
+
+
+def _plan(rng: np.random.Generator, regions: Sequence[_Region], size: int, n: int,
+          *, flips: bool) -> list[SampleSpec]:
+  """Draws `n` crop specs with `rng` (the same draws in every process)."""
+  # Regions are picked in proportion to their number of valid corners, so
+  # every allowed crop position is equally likely.
+  weights = np.array([
+      (r.corners.size if r.corners is not None
+       else (r.row1 - r.row0 - size + 1) * (r.image.shape[1] - size + 1))
+      for r in regions], np.float64)
+  region_ids = rng.choice(len(regions), size=n, p=weights / weights.sum())
+  u = rng.random((n, 2))
+  fl = rng.random((n, 2)) < 0.5
+  specs = []
+  for k in range(n):
+    r = regions[region_ids[k]]
+    wpos = r.image.shape[1] - size + 1
+    if r.corners is not None:
+      flat = int(r.corners[min(int(u[k, 0] * r.corners.size), r.corners.size - 1)])
+      y, x = divmod(flat, wpos)
+    else:
+      hpos = r.row1 - r.row0 - size + 1
+      y = min(int(u[k, 0] * hpos), hpos - 1)
+      x = min(int(u[k, 1] * wpos), wpos - 1)
+    specs.append(SampleSpec(int(region_ids[k]), r.row0 + y, x,
+                            bool(flips and fl[k, 0]), bool(flips and fl[k, 1])))
+  return specs
+
+
+def _extract(regions: Sequence[_Region], specs: Sequence[SampleSpec], size: int,
+             scale: int) -> Batch:
+  hr = np.empty((len(specs), size, size, 3), np.float32)
+  for k, s in enumerate(specs):
+    crop = regions[s.region].image[s.y:s.y + size, s.x:s.x + size]
+    if s.flip_h:
+      crop = crop[:, ::-1]
+    if s.flip_v:
+      crop = crop[::-1]
+    hr[k] = _to_float(crop)
+  return Batch(lowres=area_downsample(hr, scale), highres=hr)
+
+
+# ----------------------------------------------------------------------------
+# The prefetching iterator.
+
+
+_END = object()
+
+
+class BatchIterator(Iterator[Batch]):
+  """Infinite iterator over batches from `start_step`, optionally prefetched.
+
+  `close()` stops the producer thread and joins it; also a context manager.
+  An exception raised while building a batch is re-raised by `next()`.
+  """
+
+  def __init__(self, make_batch: Callable[[int], Batch], start_step: int,
+               prefetch: int):
+    self._make = make_batch
+    self._step = int(start_step)
+    self._prefetch = int(prefetch)
+    self._closed = False
+    self._thread = None
+    if self._prefetch > 0:
+      self._queue: queue.Queue = queue.Queue(maxsize=self._prefetch)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(target=self._produce, name="ssim_jax-prefetch",
+                                      daemon=True)
+      self._thread.start()
+
+  def _produce(self):
+    step = self._step
+    while not self._stop.is_set():
+      try:
+        item = self._make(step)
+      except BaseException as e:  # pylint: disable=broad-except
+        item = e
+      # Bounded put that still notices close().
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.05)
+          break
+        except queue.Full:
+          continue
+      if isinstance(item, BaseException):
+        return
+      step += 1
+
+  def __next__(self) -> Batch:
+    if self._closed:
+      raise StopIteration
+    if self._thread is None:
+      batch = self._make(self._step)
+      self._step += 1
+      return batch
+    while True:
+      try:
+        item = self._queue.get(timeout=0.1)
+        break
+      except queue.Empty:
+        if not self._thread.is_alive() and self._queue.empty():
+          raise RuntimeError("data prefetch thread died without an error") from None
+    if isinstance(item, BaseException):
+      self.close()
+      raise item
+    self._step += 1
+    return item
+
+  @property
+  def alive(self) -> bool:
+    """Whether the producer thread is running (False without prefetch)."""
+    return self._thread is not None and self._thread.is_alive()
+
+  def close(self, timeout: float = 10.0) -> None:
+    """Stops the producer thread and waits for it (idempotent)."""
+    self._closed = True
+    if self._thread is None:
+      return
+    self._stop.set()
+    # Drain so that a producer blocked on put() wakes up.
+    while True:
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __del__(self):
+    try:
+      self.close(timeout=1.0)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+# ----------------------------------------------------------------------------
+# Sources.
+
+
+def _retina_regions(size: int, val_fraction: float):
+  import skimage.data  # pylint: disable=g-import-not-at-top
+
+  img = np.ascontiguousarray(skimage.data.retina()[..., :3]).astype(np.uint8)
+  h = img.shape[0]
+  split = h - int(round(val_fraction * h))
+  train = _make_region(img, 0, split, size, _RETINA_MIN_FOREGROUND)
+  # Validation crops are held to a stricter standard (mostly fundus) so that
+  # the validation numbers are about the retina, not the background.
+  val = _make_region(img, split, h, size, 0.9)
+  if train is None or val is None:
+    raise ValueError(f"data.image_size={size} is too large for the retina image "
+                     f"({img.shape[0]}x{img.shape[1]}) with val_fraction={val_fraction}")
+  return [train], [val], split
+
+
+def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
+  exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames.sort()
+    for f in filenames:
+      if f.lower().endswith(exts) and not f.startswith("."):
+        out.append(os.path.join(dirpath, f))
+  return sorted(out)
+
+
+def _folder_regions(root: str, size: int, val_fraction: float, extensions,
+                    stats: DataStats):
+  if not os.path.isdir(root):
+    raise ValueError(f"data.dir={root!r} is not a directory")
+  files = _list_files(root, extensions)
+  stats.files_found = len(files)
+  if not files:
+    raise ValueError(f"data.dir={root!r} contains no image files with extensions "
+                     f"{tuple(extensions)} (searched recursively)")
+  images, names = [], []
+  for path in files:
+    try:
+      img = load_image(path)
+    except Exception as e:  # pylint: disable=broad-except
+      stats.skipped.append((path, f"{type(e).__name__}: {e}"))
+      continue
+    if img.shape[0] < size or img.shape[1] < size:
+      stats.skipped.append((path, f"smaller than one {size}x{size} crop "
+                                  f"({img.shape[0]}x{img.shape[1]})"))
+      continue
+    images.append(img)
+    names.append(path)
+  stats.files_read = len(images)
+  stats.files_skipped = len(stats.skipped)
+  if stats.skipped:
+    shown = "; ".join(f"{p} ({why})" for p, why in stats.skipped[:20])
+    more = f" and {len(stats.skipped) - 20} more" if len(stats.skipped) > 20 else ""
+    logging.warning("data.dir=%r: skipped %d of %d image files: %s%s", root,
+                    stats.files_skipped, stats.files_found, shown, more)
+  if not images:
+    raise ValueError(f"data.dir={root!r}: none of the {len(files)} image files could be "
+                     f"used ({stats.files_skipped} unreadable or smaller than "
+                     f"{size}x{size}); first: {stats.skipped[0][0]} "
+                     f"({stats.skipped[0][1]})")
+  if len(images) == 1:
+    img = images[0]
+    h = img.shape[0]
+    split = h - max(size, int(round(val_fraction * h)))
+    train = _make_region(img, 0, split, size, 0.0) if split >= size else None
+    if train is None:
+      raise ValueError(f"data.dir={root!r}: a single image of {h}x{img.shape[1]} is too "
+                       f"small to hold out a validation band and still crop "
+                       f"{size}x{size} training crops; add images or lower data.image_size")
+    return [train], [_make_region(img, split, h, size, 0.0)]
+  # Whole files held out: every 10th (sorted order), at least one.
+  val_idx = set(range(9, len(images), 10)) or {len(images) - 1}
+  train = [_make_region(im, 0, im.shape[0], size, 0.0)
+           for i, im in enumerate(images) if i not in val_idx]
+  val = [_make_region(im, 0, im.shape[0], size, 0.0)
+         for i, im in enumerate(images) if i in val_idx]
+  return train, val
+
+
+def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
+                  process_index: int = 0, process_count: int = 1,
+                  flips: bool = True) -> Datasets:
+  """Builds the training iterator factory and the validation batch.
+
+  Args:
+    data_config: ml_collections ConfigDict (or dict) with fields `dir` ("" for
+      the embedded retina), optional `source` ("retina" | "folder"),
+      `hr_size` (or `image_size`, default 64), `scale` (4), `num_val` (or
+      `val_size`, 16), `val_fraction` (0.2), `prefetch` (2), `extensions`.
+    batch_size_per_process: samples each process gets per step.
+    seed: training data seed (crop positions and flips).
+    process_index / process_count: this process and the number of processes;
+      the global batch is `process_count * batch_size_per_process`.
+    flips: random horizontal / vertical flips of training crops.
+
+  Returns:
+    `Datasets(train_iter, val, stats)`.
+
+  Raises:
+    ValueError: naming the field for a bad setting, `data.dir` when the folder
+      is missing, empty or holds no usable image.
+  """
+  size = int(_cfg(data_config, ("hr_size", "image_size"), 64))
+  scale = int(_cfg(data_config, ("scale",), 4))
+  num_val = int(_cfg(data_config, ("num_val", "val_size"), 16))
+  val_fraction = float(_cfg(data_config, ("val_fraction",), 0.2))
+  prefetch = int(_cfg(data_config, ("prefetch",), 2))
+  root = _cfg(data_config, ("dir",), "") or ""
+  source = _cfg(data_config, ("source",), None) or ("folder" if root else "retina")
+  extensions = tuple(_cfg(data_config, ("extensions",), DEFAULT_EXTENSIONS))
+
+  if size < 1 or scale < 1 or size % scale:
+    raise ValueError(f"data.hr_size={size} must be a positive multiple of data.scale={scale}")
+  if num_val < 1:
+    raise ValueError(f"data.num_val must be >= 1, got {num_val}")
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+  if prefetch < 0:
+    raise ValueError(f"data.prefetch must be >= 0, got {prefetch}")
+  if batch_size_per_process < 1:
+    raise ValueError(f"batch_size_per_process must be >= 1, got {batch_size_per_process}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+
+  stats = DataStats(source=source)
+  if source == "retina":
+    train_regions, val_regions, _ = _retina_regions(size, val_fraction)
+  elif source == "folder":
+    if not root:
+      raise ValueError("data.source='folder' needs data.dir (a folder of PNG/JPEG/TIFF)")
+    train_regions, val_regions = _folder_regions(root, size, val_fraction, extensions, stats)
+  else:
+    raise ValueError(f"data.source must be 'retina' or 'folder', got {source!r}")
+  stats.train_images = len(train_regions)
+  stats.val_images = len(val_regions)
+
+  val_specs = _plan(np.random.default_rng(_VAL_SEED), val_regions, size, num_val, flips=False)
+  val = _extract(val_regions, val_specs, size, scale)
+
+  global_batch = batch_size_per_process * process_count
+  lo = process_index * batch_size_per_process
+  hi = lo + batch_size_per_process
+
+  def plan_step(step: int) -> list[SampleSpec]:
+    """This process's sample specs at `step` (slice of the global plan)."""
+    rng = np.random.default_rng([int(seed), int(step)])
+    return _plan(rng, train_regions, size, global_batch, flips=flips)[lo:hi]
+
+  def make_batch(step: int) -> Batch:
+    return _extract(train_regions, plan_step(step), size, scale)
+
+  def train_iter(start_step: int = 0) -> BatchIterator:
+    if int(start_step) < 0:
+      raise ValueError(f"start_step must be >= 0, got {start_step}")
+    return BatchIterator(make_batch, int(start_step), prefetch)
+
+  # For tests / debugging: where samples come from.
+  train_iter.plan_step = plan_step  # type: ignore[attr-defined]
+  train_iter.val_specs = val_specs  # type: ignore[attr-defined]
+  train_iter.train_regions = [(r.row0, r.row1) for r in train_regions]  # type: ignore
+  train_iter.val_regions = [(r.row0, r.row1) for r in val_regions]  # type: ignore
+  return Datasets(train_iter=train_iter, val=val, stats=stats)
