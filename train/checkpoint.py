@@ -1,0 +1,333 @@
+"""Checkpoints (orbax-checkpoint), workdir checks and preemption handling.
+
+Promises (tested in tests/train/test_checkpoint.py):
+
+- `check_workdir` fails at START with a clear error when the workdir cannot be
+  created or written, or its disk has less than `min_free_bytes` free.
+- A checkpoint is a directory `<dir>/<step>/` written by orbax's
+  `CheckpointManager`: into a temporary directory first, renamed when complete
+  (atomic on POSIX file systems), so a process killed with -9 during an async
+  save leaves only a temporary directory that is never listed as a step.
+- Every save also stores a fingerprint of each array (two wrapping uint32 sums
+  of its bit pattern, computed on device) in the JSON metadata item.
+  `restore_latest` recomputes it after restoring: a step whose files are
+  missing, truncated or silently altered fails to restore or mismatches, is
+  reported with a warning, and the previous intact step is restored instead.
+- `Checkpointer` installs a SIGTERM handler (main thread only) that only sets
+  a flag; the loop polls `preemption_requested(step)`, saves and exits. Orbax's
+  `reached_preemption(step)` (the JAX distributed preemption service) is
+  honoured too. With several processes the flag is all-gathered so that all
+  processes agree on the same step (every process must call it every step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_MIN_FREE_BYTES = 256 * 1024 * 1024  # a checkpoint of the demo models is ~10 MB
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used (not writable, disk full)."""
+
+
+def check_workdir(workdir: str, *, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES) -> None:
+  """Fails fast when `workdir` cannot hold logs and checkpoints.
+
+  Creates the directory if needed, writes and deletes a probe file, and checks
+  the free space of its file system.
+
+  Args:
+    workdir: run directory.
+    min_free_bytes: required free space in bytes.
+
+  Raises:
+    WorkdirError: naming the workdir and the reason.
+  """
+  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir):
+    raise WorkdirError(f"workdir must be a non-empty path, got {workdir!r}")
+  workdir = os.fspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"workdir={workdir!r} cannot be created: {e}") from e
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"workdir={workdir!r} is not a directory")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=workdir)
+    try:
+      os.write(fd, b"ssim_jax")
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+      os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir={workdir!r} is not writable: {e}") from e
+  st = os.statvfs(workdir)
+  free = st.f_bavail * st.f_frsize
+  if free < min_free_bytes:
+    raise WorkdirError(
+        f"workdir={workdir!r}: only {free / 2**20:.1f} MiB free on its disk, "
+        f"{min_free_bytes / 2**20:.1f} MiB required for logs and checkpoints "
+        "(free space or point --workdir elsewhere)")
+
+
+# ----------------------------------------------------------------------------
+# Fingerprints.
+
+
+def _leaf_fingerprint(x) -> jax.Array:
+  """Two uint32 wrapping sums of the bit pattern of `x` (plain and position-weighted)."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    nbytes = x.dtype.itemsize
+    if nbytes == 8:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    else:
+      utype = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[nbytes]
+      bits = jax.lax.bitcast_convert_type(x, utype).astype(jnp.uint32)
+  bits = bits.reshape(-1)
+  pos = (jnp.arange(bits.size, dtype=jnp.uint32) % jnp.uint32(65521)) + jnp.uint32(1)
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * pos, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprints(tree):
+  return jax.tree.map(_leaf_fingerprint, tree)
+
+
+def fingerprint(tree) -> list[list[int]]:
+  """Per-leaf fingerprints of a pytree as JSON-able ints (leaf order of `tree`)."""
+  fps = jax.device_get(_fingerprints(tree))
+  return [[int(a) for a in np.asarray(fp)] for fp in jax.tree.leaves(fps)]
+
+
+# ----------------------------------------------------------------------------
+# Preemption.
+
+
+class _PreemptionFlag:
+  """SIGTERM -> flag; restores the previous handler on `uninstall()`."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._old = None
+    self._installed = False
+
+  def install(self, signum=signal.SIGTERM) -> bool:
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("SIGTERM handler not installed: not on the main thread; "
+                      "preemption is then detected only through orbax")
+      return False
+    self._signum = signum
+    self._old = signal.signal(signum, self._handle)
+    self._installed = True
+    return True
+
+  def _handle(self, signum, frame):
+    del frame
+    # Only set a flag: the loop saves at a step boundary (never mid-step).
+    logging.warning("received signal %d: checkpointing at the next step and exiting", signum)
+    self._event.set()
+
+  def uninstall(self):
+    if self._installed and threading.current_thread() is threading.main_thread():
+      signal.signal(self._signum, self._old if self._old is not None else signal.SIG_DFL)
+      self._installed = False
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+
+def install_preemption_handler(signum=signal.SIGTERM) -> _PreemptionFlag:
+  """Installs a handler for `signum` that only sets a flag; returns the flag.
+
+  `flag.is_set()` polls it, `flag.uninstall()` restores the previous handler.
+  """
+  flag = _PreemptionFlag()
+  flag.install(signum)
+  return flag
+
+
+# ----------------------------------------------------------------------------
+# The checkpointer.
+
+
+class Checkpointer:
+  """Periodic, keep-N, async checkpoints of a train-state pytree.
+
+  Args:
+    directory: checkpoint directory (created).
+    max_to_keep: newest steps kept on disk.
+    save_interval_steps: `save(step)` writes only when `step` is a multiple
+      of it (or `force=True`).
+    async_save: write in a background thread after copying to host.
+    install_sigterm_handler: install the SIGTERM flag handler (main thread).
+
+  Example:
+    ckpt = Checkpointer(workdir + "/ckpt", save_interval_steps=500)
+    state, step = ckpt.restore_latest(jax.eval_shape(lambda: state0))
+    ...
+    ckpt.save(step, state)
+    if ckpt.preemption_requested(step):
+      ckpt.save(step, state, force=True); ckpt.wait(); sys.exit(...)
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+               async_save: bool = True, install_sigterm_handler: bool = True):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    self._ocp = ocp
+    self.save_interval_steps = int(save_interval_steps)
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        # The interval is applied in `save` (step % interval == 0, also for
+        # the first save, which orbax would always take).
+        save_interval_steps=1,
+        enable_async_checkpointing=async_save,
+        # Leftovers of a save killed mid-way are removed at start.
+        cleanup_tmp_directories=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "meta"))
+    self._flag = install_preemption_handler() if install_sigterm_handler else None
+
+  # -- saving -----------------------------------------------------------------
+
+  def save(self, step: int, state: Any, *, force: bool = False,
+           meta: Mapping[str, Any] | None = None) -> bool:
+    """Saves `state` at `step` (async); returns whether a save was started.
+
+    Args:
+      step: training step (directory name).
+      state: pytree of jax / numpy arrays (params, optimizer state, rng, ...).
+      force: save even off the interval.
+      meta: JSON-serialisable extra information (config, data position, ...).
+    """
+    ocp = self._ocp
+    step = int(step)
+    if not force and step % self.save_interval_steps:
+      return False
+    if step in self._manager.all_steps():
+      return False  # already saved (e.g. a final save right after a periodic one)
+    meta = dict(meta or {})
+    meta["_fingerprint"] = fingerprint(state)
+    return bool(self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                meta=ocp.args.JsonSave(meta)),
+        force=True))
+
+  # -- restoring --------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Completed checkpoint steps, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores one step; raises on any damage (missing, truncated, altered).
+
+    Returns:
+      `(state, meta)`.
+    """
+    ocp = self._ocp
+    out = self._manager.restore(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                meta=ocp.args.JsonRestore()))
+    state, meta = out["state"], dict(out["meta"] or {})
+    expected = meta.pop("_fingerprint", None)
+    if expected is None:
+      raise ValueError(f"checkpoint step {step} has no fingerprint in its metadata")
+    got = fingerprint(state)
+    if got != expected:
+      bad = sum(a != b for a, b in zip(got, expected)) + abs(len(got) - len(expected))
+      raise ValueError(f"checkpoint step {step}: {bad} array(s) differ from the "
+                       "fingerprints written at save time (corrupted files)")
+    return state, meta
+
+  def restore_latest(self, abstract_state: Any, *, return_meta: bool = False):
+    """Restores the newest intact checkpoint.
+
+    Damaged steps (newest first) are skipped with a warning naming the step
+    and the error.
+
+    Args:
+      abstract_state: pytree of `jax.ShapeDtypeStruct` (with shardings) like
+        the state, e.g. `jax.eval_shape(init_fn)`.
+      return_meta: also return the metadata dict.
+
+    Returns:
+      `(state, step)` (or `(state, step, meta)`), `(None, 0[, {}])` when there
+      is no intact checkpoint.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d in %s is damaged and is skipped "
+                        "(%s: %s); trying the previous one", step, self.directory,
+                        type(e).__name__, str(e)[:500])
+        continue
+      logging.info("restored checkpoint step %d from %s", step, self.directory)
+      return (state, step, meta) if return_meta else (state, step)
+    return (None, 0, {}) if return_meta else (None, 0)
+
+  # -- preemption -------------------------------------------------------------
+
+  def preemption_requested(self, step: int) -> bool:
+    """True when a SIGTERM arrived or orbax reports a preemption sync point.
+
+    With several processes the answer is agreed by all-gathering the local
+    flags: every process must call this at every step.
+    """
+    local = bool(self._flag is not None and self._flag.is_set())
+    try:
+      local = local or bool(self._manager.reached_preemption(int(step)))
+    except Exception:  # pylint: disable=broad-except
+      pass  # no distributed preemption service: the signal flag alone decides
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flags = multihost_utils.process_allgather(np.asarray([local], np.int32))
+      local = bool(np.any(flags))
+    return local
+
+  # -- lifecycle --------------------------------------------------------------
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are on disk (raises their errors)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending saves, closes the manager, restores the SIGTERM handler."""
+    try:
+      self._manager.wait_until_finished()
+      self._manager.close()
+    finally:
+      if self._flag is not None:
+        self._flag.uninstall()
+        self._flag = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
