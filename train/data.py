@@ -33,12 +33,18 @@ batches in a daemon thread into a bounded queue (`data_config.prefetch`
 batches; 0 builds them synchronously). `close()` (or leaving a `with` block)
 stops and joins the thread.
 
-Memory: decoded folder images are kept in host memory as uint8 / uint16
-(what they are on disk); this suits datasets up to a few GB per host.
+Memory: a folder whose decoded pixels fit in `data.cache_bytes` (1 GiB) is
+decoded once at start and held as uint8 / uint16. A larger folder (EyeQ, say)
+is only scanned for headers at start; each process then decodes just the files
+its own samples need, with an LRU cache of `cache_bytes`. A file that fails to
+decode only then is skipped, counted and warned about when first needed, and
+its samples deterministically come from the next image instead (the same in
+every process and in a resumed run, as it depends only on the files).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -52,7 +58,10 @@ DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Fraction of a retina crop that must be fundus (not the black background).
 _RETINA_MIN_FOREGROUND = 0.5
 _RETINA_FOREGROUND_LEVEL = 20  # uint8 gray level separating fundus from background
-_VAL_SEED = 1234  # validation crops do not depend on the training seed
+_VAL_SEED = 1234
+# Folders whose decoded pixels fit are decoded at start (broken files found
+# before training); larger ones are decoded on demand with an LRU cache this big.
+DEFAULT_CACHE_BYTES = 1 << 30  # validation crops do not depend on the training seed
 
 
 class Batch(NamedTuple):
@@ -77,6 +86,8 @@ class DataStats:
     files_skipped: files that could not be decoded or were too small.
     skipped: `(path, reason)` for each skipped file.
     train_images / val_images: images (or image regions) per split.
+    lazy: folder decoded on demand (too large to hold); then files that fail
+      to decode are found, counted and warned about when first needed.
   """
   source: str
   files_found: int = 0
@@ -85,6 +96,7 @@ class DataStats:
   skipped: list = dataclasses.field(default_factory=list)
   train_images: int = 0
   val_images: int = 0
+  lazy: bool = False
 
 
 class Datasets(NamedTuple):
@@ -102,13 +114,69 @@ class Datasets(NamedTuple):
 
 
 class _Region(NamedTuple):
-  """A rectangle of rows `[row0, row1)` of an image that crops may come from."""
-  image: np.ndarray  # [H, W, 3] uint8 or uint16
+  """A rectangle of rows `[row0, row1)` of one image that crops may come from."""
+  image: int  # key of the image in the _ImageStore
   row0: int
   row1: int
-  # Flat indices (y * W + x, relative to row0) of allowed crop corners, or
-  # None when every corner is allowed.
+  width: int
+  # Flat indices (y * (width - size + 1) + x, y relative to row0) of allowed
+  # crop corners, or None when every corner is allowed.
   corners: np.ndarray | None
+
+
+class _Unreadable(Exception):
+  """An image file failed to decode when it was first needed."""
+
+
+class _ImageStore:
+  """Images by key: held in memory, or decoded on demand with an LRU byte budget.
+
+  On-demand decoding lets a folder larger than memory be used: a process only
+  decodes the files its own samples need. A file that fails to decode is
+  remembered, counted in `stats` and warned about once.
+  """
+
+  def __init__(self, *, arrays: dict | None = None, paths: Sequence[str] = (),
+               cache_bytes: int = 0, stats: DataStats | None = None):
+    self._arrays = dict(arrays or {})
+    self._paths = list(paths)
+    self._cache: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+    self._cache_bytes = int(cache_bytes)
+    self._held = 0
+    self._lock = threading.Lock()
+    self._bad: dict[int, str] = {}
+    self._stats = stats
+
+  def get(self, key: int) -> np.ndarray:
+    if key in self._arrays:
+      return self._arrays[key]
+    with self._lock:
+      if key in self._bad:
+        raise _Unreadable(self._bad[key])
+      if key in self._cache:
+        self._cache.move_to_end(key)
+        return self._cache[key]
+    path = self._paths[key]
+    try:
+      img = load_image(path)
+    except Exception as e:  # pylint: disable=broad-except
+      why = f"{type(e).__name__}: {e}"
+      with self._lock:
+        if key not in self._bad:
+          self._bad[key] = why
+          if self._stats is not None:
+            self._stats.skipped.append((path, why))
+            self._stats.files_skipped += 1
+          logging.warning("skipping image file %s that failed to decode (%s); its samples "
+                          "come from the next image", path, why)
+      raise _Unreadable(why) from e
+    with self._lock:
+      self._cache[key] = img
+      self._held += img.nbytes
+      while self._held > self._cache_bytes and len(self._cache) > 1:
+        _, old = self._cache.popitem(last=False)
+        self._held -= old.nbytes
+    return img
 
 
 class SampleSpec(NamedTuple):
@@ -229,16 +297,20 @@ def _foreground_corners(image: np.ndarray, row0: int, row1: int, size: int,
   return np.flatnonzero(ok).astype(np.int64)
 
 
-def _make_region(image, row0, row1, size, min_fraction) -> _Region | None:
-  h, w = row1 - row0, image.shape[1]
-  if h < size or w < size:
+def _make_region(key: int, image: np.ndarray | None, row0: int, row1: int, width: int,
+                 size: int, min_fraction: float) -> _Region | None:
+  """A region, or None when it cannot hold one crop.
+
+  `image` (pixels) is needed only for `min_fraction > 0` (foreground filter).
+  """
+  if row1 - row0 < size or width < size:
     return None
   corners = None
   if min_fraction > 0:
     corners = _foreground_corners(image, row0, row1, size, min_fraction)
     if corners.size == 0:
       corners = None  # nothing qualifies: fall back to every position
-  return _Region(image, row0, row1, corners)
+  return _Region(key, row0, row1, width, corners)
 
 
 def _plan(rng: np.random.Generator, regions: Sequence[_Region], size: int, n: int,
@@ -248,7 +320,7 @@ def _plan(rng: np.random.Generator, regions: Sequence[_Region], size: int, n: in
   # every allowed crop position is equally likely.
   weights = np.array([
       (r.corners.size if r.corners is not None
-       else (r.row1 - r.row0 - size + 1) * (r.image.shape[1] - size + 1))
+       else (r.row1 - r.row0 - size + 1) * (r.width - size + 1))
       for r in regions], np.float64)
   region_ids = rng.choice(len(regions), size=n, p=weights / weights.sum())
   u = rng.random((n, 2))
@@ -256,7 +328,7 @@ def _plan(rng: np.random.Generator, regions: Sequence[_Region], size: int, n: in
   specs = []
   for k in range(n):
     r = regions[region_ids[k]]
-    wpos = r.image.shape[1] - size + 1
+    wpos = r.width - size + 1
     if r.corners is not None:
       flat = int(r.corners[min(int(u[k, 0] * r.corners.size), r.corners.size - 1)])
       y, x = divmod(flat, wpos)
@@ -269,16 +341,40 @@ def _plan(rng: np.random.Generator, regions: Sequence[_Region], size: int, n: in
   return specs
 
 
-def _extract(regions: Sequence[_Region], specs: Sequence[SampleSpec], size: int,
-             scale: int) -> Batch:
-  hr = np.empty((len(specs), size, size, 3), np.float32)
-  for k, s in enumerate(specs):
-    crop = regions[s.region].image[s.y:s.y + size, s.x:s.x + size]
+def _crop(store: _ImageStore, regions: Sequence[_Region], s: SampleSpec, size: int,
+          where: str) -> np.ndarray:
+  """The pixels of one spec; a file that fails to decode passes to the next region.
+
+  The fallback depends only on which files decode, so every process (and a
+  resumed run) makes the same choice.
+  """
+  n = len(regions)
+  first = regions[s.region]
+  for j in range(n):
+    r = regions[(s.region + j) % n]
+    try:
+      img = store.get(r.image)
+    except _Unreadable:
+      continue
+    if j == 0:
+      y, x = s.y, s.x
+    else:  # same relative position, clamped into the replacement region
+      y = r.row0 + min(s.y - first.row0, r.row1 - r.row0 - size)
+      x = min(s.x, r.width - size)
+    crop = img[y:y + size, x:x + size]
     if s.flip_h:
       crop = crop[:, ::-1]
     if s.flip_v:
       crop = crop[::-1]
-    hr[k] = _to_float(crop)
+    return crop
+  raise ValueError(f"{where}: none of the {n} images of this split could be decoded")
+
+
+def _extract(store: _ImageStore, regions: Sequence[_Region], specs: Sequence[SampleSpec],
+             size: int, scale: int, where: str) -> Batch:
+  hr = np.empty((len(specs), size, size, 3), np.float32)
+  for k, s in enumerate(specs):
+    hr[k] = _to_float(_crop(store, regions, s, size, where))
   return Batch(lowres=area_downsample(hr, scale), highres=hr)
 
 
@@ -384,20 +480,21 @@ class BatchIterator(Iterator[Batch]):
 # Sources.
 
 
-def _retina_regions(size: int, val_fraction: float):
+def _retina_source(size: int, val_fraction: float):
+  """(store, train regions, val regions) of the embedded retina image."""
   import skimage.data  # pylint: disable=g-import-not-at-top
 
   img = np.ascontiguousarray(skimage.data.retina()[..., :3]).astype(np.uint8)
-  h = img.shape[0]
+  h, w = img.shape[:2]
   split = h - int(round(val_fraction * h))
-  train = _make_region(img, 0, split, size, _RETINA_MIN_FOREGROUND)
+  train = _make_region(0, img, 0, split, w, size, _RETINA_MIN_FOREGROUND)
   # Validation crops are held to a stricter standard (mostly fundus) so that
   # the validation numbers are about the retina, not the background.
-  val = _make_region(img, split, h, size, 0.9)
+  val = _make_region(0, img, split, h, w, size, 0.9)
   if train is None or val is None:
-    raise ValueError(f"data.image_size={size} is too large for the retina image "
-                     f"({img.shape[0]}x{img.shape[1]}) with val_fraction={val_fraction}")
-  return [train], [val], split
+    raise ValueError(f"data.hr_size={size} is too large for the retina image "
+                     f"({h}x{w}) with data.val_fraction={val_fraction}")
+  return _ImageStore(arrays={0: img}), [train], [val]
 
 
 def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
@@ -411,8 +508,19 @@ def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
   return sorted(out)
 
 
-def _folder_regions(root: str, size: int, val_fraction: float, extensions,
-                    stats: DataStats):
+def _read_header(path: str) -> tuple[int, int, int]:
+  """(height, width, bytes per decoded RGB pixel) from the file header only."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  with Image.open(path) as im:
+    w, h = im.size
+    deep = im.mode.startswith("I") or im.mode.startswith("F")
+  return h, w, (6 if deep else 3)
+
+
+def _folder_source(root: str, size: int, val_fraction: float, extensions,
+                   cache_bytes: int, stats: DataStats):
+  """(store, train regions, val regions) of a folder of images."""
   if not os.path.isdir(root):
     raise ValueError(f"data.dir={root!r} is not a directory")
   files = _list_files(root, extensions)
@@ -420,48 +528,65 @@ def _folder_regions(root: str, size: int, val_fraction: float, extensions,
   if not files:
     raise ValueError(f"data.dir={root!r} contains no image files with extensions "
                      f"{tuple(extensions)} (searched recursively)")
-  images, names = [], []
+  # Headers only: cheap, and the same answer in every process.
+  paths, shapes = [], []
   for path in files:
     try:
-      img = load_image(path)
+      h, w, bpp = _read_header(path)
     except Exception as e:  # pylint: disable=broad-except
       stats.skipped.append((path, f"{type(e).__name__}: {e}"))
       continue
-    if img.shape[0] < size or img.shape[1] < size:
-      stats.skipped.append((path, f"smaller than one {size}x{size} crop "
-                                  f"({img.shape[0]}x{img.shape[1]})"))
+    if h < size or w < size:
+      stats.skipped.append((path, f"smaller than one {size}x{size} crop ({h}x{w})"))
       continue
-    images.append(img)
-    names.append(path)
-  stats.files_read = len(images)
+    paths.append(path)
+    shapes.append((h, w, bpp))
+  total = sum(h * w * bpp for h, w, bpp in shapes)
+  stats.lazy = total > cache_bytes
+  arrays = None
+  if not stats.lazy:
+    # Small enough to hold: decode everything now, so broken files are found
+    # (and counted) before training starts.
+    arrays, kept, kept_shapes = {}, [], []
+    for path, shp in zip(paths, shapes):
+      try:
+        img = load_image(path)
+      except Exception as e:  # pylint: disable=broad-except
+        stats.skipped.append((path, f"{type(e).__name__}: {e}"))
+        continue
+      arrays[len(kept)] = img
+      kept.append(path)
+      kept_shapes.append(img.shape[:2] + (shp[2],))
+    paths, shapes = kept, kept_shapes
+  stats.files_read = len(paths)
   stats.files_skipped = len(stats.skipped)
   if stats.skipped:
     shown = "; ".join(f"{p} ({why})" for p, why in stats.skipped[:20])
     more = f" and {len(stats.skipped) - 20} more" if len(stats.skipped) > 20 else ""
     logging.warning("data.dir=%r: skipped %d of %d image files: %s%s", root,
                     stats.files_skipped, stats.files_found, shown, more)
-  if not images:
+  if not paths:
     raise ValueError(f"data.dir={root!r}: none of the {len(files)} image files could be "
                      f"used ({stats.files_skipped} unreadable or smaller than "
                      f"{size}x{size}); first: {stats.skipped[0][0]} "
                      f"({stats.skipped[0][1]})")
-  if len(images) == 1:
-    img = images[0]
-    h = img.shape[0]
+  store = _ImageStore(arrays=arrays, paths=paths, cache_bytes=cache_bytes, stats=stats)
+  if len(paths) == 1:
+    h, w, _ = shapes[0]
     split = h - max(size, int(round(val_fraction * h)))
-    train = _make_region(img, 0, split, size, 0.0) if split >= size else None
-    if train is None:
-      raise ValueError(f"data.dir={root!r}: a single image of {h}x{img.shape[1]} is too "
-                       f"small to hold out a validation band and still crop "
-                       f"{size}x{size} training crops; add images or lower data.image_size")
-    return [train], [_make_region(img, split, h, size, 0.0)]
+    if split < size:
+      raise ValueError(f"data.dir={root!r}: a single image of {h}x{w} is too small to "
+                       f"hold out a validation band and still crop {size}x{size} training "
+                       "crops; add images or lower data.hr_size")
+    return (store, [_make_region(0, None, 0, split, w, size, 0.0)],
+            [_make_region(0, None, split, h, w, size, 0.0)])
   # Whole files held out: every 10th (sorted order), at least one.
-  val_idx = set(range(9, len(images), 10)) or {len(images) - 1}
-  train = [_make_region(im, 0, im.shape[0], size, 0.0)
-           for i, im in enumerate(images) if i not in val_idx]
-  val = [_make_region(im, 0, im.shape[0], size, 0.0)
-         for i, im in enumerate(images) if i in val_idx]
-  return train, val
+  val_idx = set(range(9, len(paths), 10)) or {len(paths) - 1}
+  train = [_make_region(i, None, 0, h, w, size, 0.0)
+           for i, (h, w, _) in enumerate(shapes) if i not in val_idx]
+  val = [_make_region(i, None, 0, h, w, size, 0.0)
+         for i, (h, w, _) in enumerate(shapes) if i in val_idx]
+  return store, train, val
 
 
 def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
@@ -473,7 +598,8 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
     data_config: ml_collections ConfigDict (or dict) with fields `dir` ("" for
       the embedded retina), optional `source` ("retina" | "folder"),
       `hr_size` (or `image_size`, default 64), `scale` (4), `num_val` (or
-      `val_size`, 16), `val_fraction` (0.2), `prefetch` (2), `extensions`.
+      `val_size`, 16), `val_fraction` (0.2), `prefetch` (2), `extensions`,
+      `cache_bytes` (folder images held in memory, 1 GiB).
     batch_size_per_process: samples each process gets per step.
     seed: training data seed (crop positions and flips).
     process_index / process_count: this process and the number of processes;
@@ -495,6 +621,7 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
   root = _cfg(data_config, ("dir",), "") or ""
   source = _cfg(data_config, ("source",), None) or ("folder" if root else "retina")
   extensions = tuple(_cfg(data_config, ("extensions",), DEFAULT_EXTENSIONS))
+  cache_bytes = int(_cfg(data_config, ("cache_bytes",), DEFAULT_CACHE_BYTES))
 
   if size < 1 or scale < 1 or size % scale:
     raise ValueError(f"data.hr_size={size} must be a positive multiple of data.scale={scale}")
@@ -511,18 +638,20 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
 
   stats = DataStats(source=source)
   if source == "retina":
-    train_regions, val_regions, _ = _retina_regions(size, val_fraction)
+    store, train_regions, val_regions = _retina_source(size, val_fraction)
   elif source == "folder":
     if not root:
       raise ValueError("data.source='folder' needs data.dir (a folder of PNG/JPEG/TIFF)")
-    train_regions, val_regions = _folder_regions(root, size, val_fraction, extensions, stats)
+    store, train_regions, val_regions = _folder_source(root, size, val_fraction, extensions,
+                                                       cache_bytes, stats)
   else:
     raise ValueError(f"data.source must be 'retina' or 'folder', got {source!r}")
   stats.train_images = len(train_regions)
   stats.val_images = len(val_regions)
 
   val_specs = _plan(np.random.default_rng(_VAL_SEED), val_regions, size, num_val, flips=False)
-  val = _extract(val_regions, val_specs, size, scale)
+  val = _extract(store, val_regions, val_specs, size, scale,
+                 f"data.dir={root!r} (validation)" if root else "retina")
 
   global_batch = batch_size_per_process * process_count
   lo = process_index * batch_size_per_process
@@ -534,7 +663,8 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
     return _plan(rng, train_regions, size, global_batch, flips=flips)[lo:hi]
 
   def make_batch(step: int) -> Batch:
-    return _extract(train_regions, plan_step(step), size, scale)
+    return _extract(store, train_regions, plan_step(step), size, scale,
+                    f"data.dir={root!r} (training)" if root else "retina")
 
   def train_iter(start_step: int = 0) -> BatchIterator:
     if int(start_step) < 0:
@@ -544,6 +674,6 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
   # For tests / debugging: where samples come from.
   train_iter.plan_step = plan_step  # type: ignore[attr-defined]
   train_iter.val_specs = val_specs  # type: ignore[attr-defined]
-  train_iter.train_regions = [(r.row0, r.row1) for r in train_regions]  # type: ignore
-  train_iter.val_regions = [(r.row0, r.row1) for r in val_regions]  # type: ignore
+  train_iter.train_regions = [(r.image, r.row0, r.row1) for r in train_regions]  # type: ignore
+  train_iter.val_regions = [(r.image, r.row0, r.row1) for r in val_regions]  # type: ignore
   return Datasets(train_iter=train_iter, val=val, stats=stats)

@@ -81,8 +81,8 @@ def test_process_shards_are_disjoint_and_compose_the_global_batch():
 
 
 def test_val_region_is_held_out(retina):
-  ((t0, t1),) = retina.train_iter.train_regions
-  ((v0, v1),) = retina.train_iter.val_regions
+  ((_, t0, t1),) = retina.train_iter.train_regions
+  ((_, v0, v1),) = retina.train_iter.val_regions
   assert t1 <= v0  # regions do not overlap
   size = 32
   for step in range(50):
@@ -194,6 +194,33 @@ def test_folder_holds_out_whole_files(tmp_path):
   for b in _take(ds.train_iter(0), 5):
     seen |= to_level(b.highres)
   assert levels[9] not in seen and len(seen) > 3
+
+
+def test_lazy_folder_skips_files_that_fail_late_deterministically(tmp_path, caplog):
+  # cache_bytes=0: headers only at start; a truncated file has a valid header
+  # and fails when its pixels are first needed.
+  root = _folder(tmp_path)
+  cfg = _cfg(dir=str(root), hr_size=16, cache_bytes=0, prefetch=0)
+  with caplog.at_level(logging.WARNING):
+    ds = data.make_datasets(cfg, batch_size_per_process=16, seed=0)
+    assert ds.stats.lazy
+    # f_small (size) and g_corrupt (header) are found at start; the truncated
+    # file is still a candidate.
+    assert {os.path.basename(p) for p, _ in ds.stats.skipped} >= {"f_small.png",
+                                                                 "g_corrupt.png"}
+    batches = _take(ds.train_iter(0), 6)
+  assert "h_truncated.png" in {os.path.basename(p) for p, _ in ds.stats.skipped}
+  assert ds.stats.files_skipped == len(ds.stats.skipped) == 3
+  assert "h_truncated.png" in caplog.text
+  for b in batches:
+    assert np.isfinite(b.highres).all()
+  # The replacement is deterministic: a fresh loader (another process, or a
+  # resumed run) gives the same batches, also starting later.
+  again = data.make_datasets(cfg, batch_size_per_process=16, seed=0)
+  for x, y in zip(batches[3:], _take(again.train_iter(3), 3)):
+    np.testing.assert_array_equal(x.highres, y.highres)
+  eager = data.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=1, seed=0)
+  assert not eager.stats.lazy
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "only_bad"])
