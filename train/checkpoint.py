@@ -105,14 +105,40 @@ def _leaf_fingerprint(x) -> jax.Array:
 
 
 @jax.jit
-def _fingerprints(tree):
-  return jax.tree.map(_leaf_fingerprint, tree)
+def _fingerprints(leaves):
+  return [_leaf_fingerprint(x) for x in leaves]
+
+
+def _global_fingerprint(x: jax.Array) -> np.ndarray:
+  """Fingerprint of an array sharded over processes, replicated to every process."""
+  sharding = x.sharding
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    raise ValueError(f"cannot fingerprint a multi-process array with {type(sharding).__name__}")
+  out = jax.jit(_leaf_fingerprint, out_shardings=jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec()))(x)
+  return np.asarray(out.addressable_data(0))
 
 
 def fingerprint(tree) -> list[list[int]]:
-  """Per-leaf fingerprints of a pytree as JSON-able ints (leaf order of `tree`)."""
-  fps = jax.device_get(_fingerprints(tree))
-  return [[int(a) for a in np.asarray(fp)] for fp in jax.tree.leaves(fps)]
+  """Per-leaf fingerprints of a pytree as JSON-able ints (leaf order of `tree`).
+
+  The same in every process: a replicated multi-process array is fingerprinted
+  from its local copy, a sharded one by a replicated global reduction.
+  """
+  leaves = jax.tree.leaves(tree)
+  local, local_idx, out = [], [], [None] * len(leaves)
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        x = x.addressable_data(0)
+      else:
+        out[i] = _global_fingerprint(x)
+        continue
+    local.append(x)
+    local_idx.append(i)
+  for i, fp in zip(local_idx, jax.device_get(_fingerprints(local))):
+    out[i] = fp
+  return [[int(a) for a in np.asarray(fp)] for fp in out]
 
 
 # ----------------------------------------------------------------------------

@@ -207,3 +207,22 @@ def test_check_workdir_probe_write_fails(tmp_path, monkeypatch):
 def test_check_workdir_disk_full(tmp_path):
   with pytest.raises(checkpoint.WorkdirError, match="free"):
     checkpoint.check_workdir(str(tmp_path), min_free_bytes=1 << 62)
+
+
+def test_sharded_state_round_trip_and_fingerprint(tmp_path):
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  host = {"w": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "step": np.int32(4)}
+  state = {"w": jax.device_put(host["w"], sharded), "step": jax.device_put(host["step"], replicated)}
+  assert checkpoint.fingerprint(state) == checkpoint.fingerprint(host)
+  assert checkpoint.fingerprint(host) != checkpoint.fingerprint({**host, "step": np.int32(5)})
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  with checkpoint.Checkpointer(tmp_path / "ck", install_sigterm_handler=False) as ck:
+    ck.save(4, state)
+    restored, step = ck.restore_latest(abstract)
+  assert step == 4 and restored["w"].sharding == sharded
+  _assert_tree_equal(restored, host)
