@@ -620,7 +620,12 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
   prefetch = int(_cfg(data_config, ("prefetch",), 2))
   root = _cfg(data_config, ("dir",), "") or ""
   source = _cfg(data_config, ("source",), None) or ("folder" if root else "retina")
-  extensions = tuple(_cfg(data_config, ("extensions",), DEFAULT_EXTENSIONS))
+  extensions = _cfg(data_config, ("extensions",), DEFAULT_EXTENSIONS)
+  if isinstance(extensions, str):  # "png,jpg" from the command line
+    extensions = [e.strip() for e in extensions.split(",") if e.strip()]
+  extensions = tuple(extensions)
+  if not extensions or not all(isinstance(e, str) and e.strip(".") for e in extensions):
+    raise ValueError(f"data.extensions must be non-empty file extensions, got {extensions!r}")
   cache_bytes = int(_cfg(data_config, ("cache_bytes",), DEFAULT_CACHE_BYTES))
 
   if size < 1 or scale < 1 or size % scale:

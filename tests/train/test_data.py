@@ -234,11 +234,45 @@ def test_folder_errors_name_data_dir(tmp_path, case):
     data.make_datasets(_cfg(dir=str(root)), batch_size_per_process=1, seed=0)
 
 
-def test_bad_config_values():
-  with pytest.raises(ValueError, match="scale"):
-    data.make_datasets(_cfg(hr_size=30, scale=4), batch_size_per_process=1, seed=0)
-  with pytest.raises(ValueError, match="source"):
-    data.make_datasets(_cfg(source="nope"), batch_size_per_process=1, seed=0)
-  with pytest.raises(ValueError, match="process_index"):
-    data.make_datasets(_cfg(), batch_size_per_process=1, seed=0, process_index=2,
-                       process_count=2)
+BAD_CONFIGS = [
+    (dict(hr_size=30, scale=4), {}, "data.hr_size"),
+    (dict(hr_size=0), {}, "data.hr_size"),
+    (dict(scale=0), {}, "data.scale"),
+    (dict(num_val=0), {}, "data.num_val"),
+    (dict(val_fraction=0.0), {}, "data.val_fraction"),
+    (dict(val_fraction=1.5), {}, "data.val_fraction"),
+    (dict(prefetch=-1), {}, "data.prefetch"),
+    (dict(source="nope"), {}, "data.source"),
+    (dict(source="folder"), {}, "data.dir"),
+    (dict(hr_size=2048, scale=4), {}, "data.hr_size"),
+    (dict(extensions=()), {}, "data.extensions"),
+    (dict(), dict(batch_size_per_process=0), "batch_size_per_process"),
+    (dict(), dict(process_index=2, process_count=2), "process_index"),
+    (dict(), dict(process_index=-1, process_count=1), "process_index"),
+]
+
+
+@pytest.mark.parametrize("fields,kwargs,match", BAD_CONFIGS)
+def test_bad_data_settings_name_the_field(fields, kwargs, match):
+  kw = dict(batch_size_per_process=1, seed=0)
+  kw.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    data.make_datasets(_cfg(**fields), **kw)
+
+
+def test_bad_start_step_and_file_as_dir(tmp_path, retina):
+  with pytest.raises(ValueError, match="start_step"):
+    retina.train_iter(-1)
+  f = tmp_path / "x.png"
+  f.write_bytes(b"")
+  with pytest.raises(ValueError, match="data.dir"):
+    data.make_datasets(_cfg(dir=str(f)), batch_size_per_process=1, seed=0)
+
+
+def test_extensions_from_command_line_string(tmp_path):
+  root = tmp_path / "d"
+  _save(str(root / "a.png"), np.zeros((40, 40, 3), np.uint8))
+  _save(str(root / "b.jpg"), np.zeros((40, 40, 3), np.uint8))
+  ds = data.make_datasets(_cfg(dir=str(root), hr_size=16, extensions="png"),
+                          batch_size_per_process=1, seed=0)
+  assert ds.stats.files_found == 1
