@@ -34,6 +34,7 @@ import numpy as np
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
+METRICS = ("psnr", "ssim", "ms_ssim")
 
 
 # ----------------------------------------------------------------------------
@@ -181,7 +182,8 @@ def evaluate_sr(pred, lowres, target, *, scale: int) -> dict[str, dict[str, floa
   out = jax.device_get(_evaluate(jnp.asarray(pred, jnp.float32),
                                  jnp.asarray(lowres, jnp.float32),
                                  jnp.asarray(target, jnp.float32), scale))
-  return {k: {m: float(v) for m, v in row.items()} for k, row in out.items()}
+  # Fixed order (pytrees sort dict keys): bicubic then model; psnr, ssim, ms_ssim.
+  return {k: {m: float(out[k][m]) for m in METRICS} for k in ("bicubic", "model")}
 
 
 def ssim_map_image(pred, target) -> np.ndarray:
@@ -287,7 +289,7 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
   """Aligned text table: one row per method, one column per metric."""
   if not results:
     raise ValueError("results is empty")
-  metrics = []
+  metrics = [m for m in METRICS if any(m in row for row in results.values())]
   for row in results.values():
     for k in row:
       if k not in metrics:

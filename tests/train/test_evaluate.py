@@ -82,8 +82,8 @@ def _images(b=2, size=32, scale=4):
 def test_evaluate_sr_perfect_model_beats_bicubic():
   lowres, target = _images()
   res = evaluate.evaluate_sr(target, lowres, target, scale=4)
-  assert set(res) == {"bicubic", "model"}
-  assert set(res["model"]) == {"psnr", "ssim", "ms_ssim"}
+  assert list(res) == ["bicubic", "model"]
+  assert list(res["model"]) == ["psnr", "ssim", "ms_ssim"]
   assert math.isinf(res["model"]["psnr"])
   assert res["model"]["ssim"] == pytest.approx(1.0, abs=1e-5)
   assert res["model"]["ms_ssim"] == pytest.approx(1.0, abs=1e-5)
@@ -124,11 +124,14 @@ def test_ssim_map_and_grid_png(tmp_path):
 
 
 def test_format_table():
-  text = evaluate.format_table({"bicubic": {"psnr": 24.5, "ssim": 0.71, "ms_ssim": 0.8},
+  text = evaluate.format_table({"bicubic": {"ms_ssim": 0.8, "ssim": 0.71, "psnr": 24.5},
                                 "model": {"psnr": 26.123, "ssim": 0.8, "ms_ssim": 0.9}})
   lines = text.splitlines()
   assert len(lines) == 4 and len({len(l) for l in lines}) == 1
-  assert "PSNR (dB)" in lines[0] and "MS-SSIM" in lines[0]
+  assert lines[0].split() == ["method", "PSNR", "(dB)", "SSIM", "MS-SSIM"]
   assert lines[3].startswith("model") and "26.12" in lines[3] and "0.9000" in lines[3]
+  partial = evaluate.format_table({"model": {"psnr": 20.0, "ssim": 0.5, "ms_ssim": 0.6},
+                                   "vae": {"psnr": 30.0, "ssim": 0.9}})
+  assert partial.splitlines()[-1].split() == ["vae", "30.00", "0.9000", "-"]
   with pytest.raises(ValueError):
     evaluate.format_table({})
