@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -480,8 +481,9 @@ class BatchIterator(Iterator[Batch]):
 # Sources.
 
 
+@functools.lru_cache(maxsize=4)
 def _retina_source(size: int, val_fraction: float):
-  """(store, train regions, val regions) of the embedded retina image."""
+  """(store, train regions, val regions) of the embedded retina image (cached: immutable)."""
   import skimage.data  # pylint: disable=g-import-not-at-top
 
   img = np.ascontiguousarray(skimage.data.retina()[..., :3]).astype(np.uint8)
