@@ -170,6 +170,46 @@ def test_kill9_during_async_save_never_leaves_a_half_checkpoint(tmp_path):
   assert (np.asarray(state["w"]) == step).all() and (np.asarray(state["v"]) == -step).all()
 
 
+_SIGTERM_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import jax.numpy as jnp
+    from train import checkpoint
+    ck = checkpoint.Checkpointer(sys.argv[1], save_interval_steps=1000)
+    for step in range(1, 100000):
+      state = {"w": jnp.full((4,), float(step))}
+      ck.save(step, state)  # off-interval: nothing written
+      if step == 3:
+        print("running", flush=True)
+      if ck.preemption_requested(step):
+        ck.save(step, state, force=True)
+        ck.close()
+        print("saved", step, flush=True)
+        sys.exit(0)
+      time.sleep(0.01)
+    sys.exit(3)
+""")
+
+
+def test_sigterm_from_outside_saves_before_exit(tmp_path):
+  d = str(tmp_path / "ck")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, d], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, env=env, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "running"
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+  finally:
+    proc.wait(60)
+  assert proc.returncode == 0  # handled: not killed by the signal
+  saved = int(out.split()[-1])
+  assert saved >= 3
+  with checkpoint.Checkpointer(d, install_sigterm_handler=False) as ck:
+    assert ck.all_steps() == [saved]
+    state, step = ck.restore_latest({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+  assert step == saved and (np.asarray(state["w"]) == saved).all()
+
+
 def test_check_workdir_ok_and_creates(tmp_path):
   d = tmp_path / "new" / "run"
   checkpoint.check_workdir(str(d), min_free_bytes=1)
