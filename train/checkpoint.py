@@ -141,6 +141,17 @@ def fingerprint(tree) -> list[list[int]]:
   return [[int(a) for a in np.asarray(fp)] for fp in out]
 
 
+def structure(tree) -> list[list]:
+  """`[[path, shape, dtype], ...]` of a pytree of arrays or ShapeDtypeStructs."""
+  return [[jax.tree_util.keystr(path), [int(d) for d in np.shape(x)],
+           str(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)]
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+class StructureMismatchError(ValueError):
+  """A checkpoint holds a differently shaped state (e.g. the config changed)."""
+
+
 # ----------------------------------------------------------------------------
 # Preemption.
 
@@ -256,6 +267,7 @@ class Checkpointer:
       return False  # already saved (e.g. a final save right after a periodic one)
     meta = dict(meta or {})
     meta["_fingerprint"] = fingerprint(state)
+    meta["_structure"] = structure(state)
     return bool(self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -273,13 +285,30 @@ class Checkpointer:
 
     Returns:
       `(state, meta)`.
+
+    Raises:
+      StructureMismatchError: the step holds a differently shaped state.
+      Exception: any other error means the step is damaged.
     """
     ocp = self._ocp
+    step = int(step)
+    # The small JSON item first: a different state layout is the user's
+    # change (config, model), not damage, and must not be skipped silently.
+    meta = dict(self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"] or {})
+    saved, wanted = meta.pop("_structure", None), structure(abstract_state)
+    if saved is not None and saved != wanted:
+      diff = [f"{a} vs {b}" for a, b in zip(saved, wanted) if a != b][:3]
+      raise StructureMismatchError(
+          f"checkpoint step {step} in {self.directory} holds a different state "
+          f"({len(saved)} arrays) than this run expects ({len(wanted)} arrays); first "
+          f"differences (saved vs expected): {diff}. The config or model changed: use a "
+          "new workdir, or restore the config of the run that wrote it.")
     out = self._manager.restore(
-        int(step),
+        step,
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                 meta=ocp.args.JsonRestore()))
-    state, meta = out["state"], dict(out["meta"] or {})
+    state = out["state"]
     expected = meta.pop("_fingerprint", None)
     if expected is None:
       raise ValueError(f"checkpoint step {step} has no fingerprint in its metadata")
@@ -294,7 +323,8 @@ class Checkpointer:
     """Restores the newest intact checkpoint.
 
     Damaged steps (newest first) are skipped with a warning naming the step
-    and the error.
+    and the error. A checkpoint of a differently shaped state (changed config)
+    is not damage: `StructureMismatchError` is raised.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` (with shardings) like
@@ -308,6 +338,8 @@ class Checkpointer:
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, abstract_state)
+      except StructureMismatchError:
+        raise  # not damage: never fall back past (and later delete) good checkpoints
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("checkpoint step %d in %s is damaged and is skipped "
                         "(%s: %s); trying the previous one", step, self.directory,

@@ -102,7 +102,7 @@ def test_fingerprint_catches_silent_change(tmp_path, monkeypatch):
 
     def tampered(step, args=None):
       out = real(step, args=args)
-      if step == 2:
+      if step == 2 and "state" in out:
         out["state"]["params"]["w"] = out["state"]["params"]["w"].at[0, 0].add(1.0)
       return out
 
@@ -111,6 +111,21 @@ def test_fingerprint_catches_silent_change(tmp_path, monkeypatch):
       ck.restore(2, _abstract())
     _, step = ck.restore_latest(_abstract())
   assert step == 1
+
+
+def test_changed_state_layout_is_an_error_not_a_fallback(tmp_path):
+  d = tmp_path / "ck"
+  with checkpoint.Checkpointer(d, install_sigterm_handler=False) as ck:
+    ck.save(1, _state(1))
+    ck.save(2, _state(2))
+  other = jax.eval_shape(lambda: {**_state(0), "params": {"w": jnp.zeros((6, 11)),
+                                                          "b": jnp.zeros(4, jnp.bfloat16)}})
+  with checkpoint.Checkpointer(d, install_sigterm_handler=False) as ck:
+    with pytest.raises(checkpoint.StructureMismatchError, match="step 2.*different state"):
+      ck.restore_latest(other)
+    assert ck.all_steps() == [1, 2]  # nothing skipped or deleted
+    _, step = ck.restore_latest(_abstract())
+  assert step == 2
 
 
 def test_all_damaged_gives_no_state(tmp_path):
