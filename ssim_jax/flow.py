@@ -98,10 +98,11 @@ def timestep_weight(t: jax.Array, *, max_t: float) -> jax.Array:
     Array([1. , 0.5, 0. ], dtype=float32)
   """
   if not isinstance(max_t, jax.core.Tracer):
-    try:
-      value = float(max_t)
-    except (TypeError, ValueError):
-      raise TypeError(f"max_t must be a real number, got {max_t!r}") from None
+    if isinstance(max_t, bool) or not (
+        isinstance(max_t, numbers.Real) or
+        (isinstance(max_t, (np.ndarray, jax.Array)) and max_t.size == 1)):
+      raise TypeError(f"max_t must be a real number, got {max_t!r}")
+    value = float(np.asarray(max_t).reshape(()))
     if not (math.isfinite(value) and value > 0):
       raise ValueError(f"max_t must be a finite number > 0, got {max_t!r}")
   t = jnp.asarray(t, jnp.float32)
@@ -557,10 +558,14 @@ def _chunked(z, gt, w, valid, *, decode_fn, chunk_size, remat, pixel_loss,
   if remat:
     body = jax.checkpoint(body)
 
+  def zero_like_inputs(*arrays):
+    # zeros_like keeps the shard_map varying-axes (vma) type of its argument: the
+    # skip branch and the scan carry must match the decoded branch's type.
+    return jnp.zeros_like(sum(jnp.sum(a, dtype=jnp.float32) for a in arrays if a is not None))
+
   def skip(zc, gc, wc, vc):
-    del zc, gc, wc, vc
-    zero = jnp.zeros((), jnp.float32)
-    return _Partials(zero, zero, zero, zero), jnp.zeros((chunk,), jnp.float32)
+    zero = zero_like_inputs(zc, gc, wc, vc)
+    return _Partials(zero, zero, zero, zero), jnp.broadcast_to(zero, (chunk,))
 
   def step(carry, chunk_xs):
     zc, gc, wc, vc = chunk_xs
@@ -569,7 +574,7 @@ def _chunked(z, gt, w, valid, *, decode_fn, chunk_size, remat, pixel_loss,
     carry = _Partials(*(a + b for a, b in zip(carry, parts)))
     return carry, (per_image, jnp.broadcast_to(run, (chunk,)))
 
-  zero = jnp.zeros((), jnp.float32)
+  zero = zero_like_inputs(*xs)
   parts, (per_image, decoded) = jax.lax.scan(
       step, _Partials(zero, zero, zero, zero), xs)
   per_image = per_image.reshape(total)[:n][inverse]
