@@ -48,9 +48,12 @@ class TrainState(NamedTuple):
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:
   """A fresh state at step 0."""
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
-                    consecutive_skips=zero)
+  @jax.jit  # one compilation instead of one per optimizer-state leaf
+  def init(params):
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
+                      consecutive_skips=zero)
+  return init(params)
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -287,7 +290,7 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
           lambda z: decode_latents(vae, z, compute_dtype=compute_dtype),
           chunk_size=config.chunk_size, pixel_loss=config.pixel_loss_type,
           axis_name=AXIS, window_size=config.ssim_window_size)
-      ssim_l, pixel_l, mass = out[0], out[1], out[2]
+      ssim_l, pixel_l, mass = out.ssim, out.pixel, out.weight_mass
       grad_loss = grad_loss + pix_w * pixel_l + ssim_w * ssim_l
       glob = dict(pixel=pixel_l, pixel_weighted=pix_w * pixel_l, ssim=ssim_l,
                   ssim_weighted=ssim_w * ssim_l, weight_mass=mass)

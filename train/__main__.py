@@ -1,0 +1,56 @@
+"""Command line: `python -m train --config=configs/default.py --workdir=DIR`.
+
+Config fields are overridden with `--config.<field>=value`, e.g.
+`--config.ssim_loss_weight=0.5 --config.data.dir=/data/eyeq`.
+
+Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i`
+(or the `SSIM_JAX_*` environment variables, see train/distributed.py), or
+`--distributed_auto` for JAX's cluster auto-detection. `jax.distributed` is
+initialised before anything else touches JAX.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from train import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed when it exists).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "This process' index.")
+_AUTO = flags.DEFINE_bool("distributed_auto", False,
+                          "jax.distributed.initialize() with cluster auto-detection.")
+_CPU_COLL = flags.DEFINE_string("cpu_collectives", None,
+                                "CPU collectives for multi-process CPU runs ('gloo').")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize(distributed.merge(
+      distributed.DistributedConfig(_COORD.value, _NPROC.value, _PID.value, _CPU_COLL.value),
+      distributed.from_env()), auto=_AUTO.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  from train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from train import loop  # pylint: disable=g-import-not-at-top
+  logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+               jax.device_count())
+  try:
+    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, loop.TooManySkipsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if results.get("preempted"):
+    print("preempted: checkpoint saved; run the same command again to resume",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,350 @@
+"""The training loop: validate -> workdir -> data -> models -> restore -> train -> evaluate.
+
+`train_and_evaluate(config, workdir)` runs both stages and returns the final
+validation results; it is what `python -m train` calls and what a notebook
+imports. It resumes automatically from `workdir`: a finished `vae` stage is
+restored and skipped, an interrupted stage continues from its last intact
+checkpoint with the same data and random numbers (bit-identical on CPU).
+
+Workdir layout:
+  vae/   flow/   orbax checkpoints of each stage (TrainState)
+  logs/          TensorBoard event files (process 0 only)
+  eval/          PNG grids lowres | bicubic | model | target | SSIM map
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from train import checkpoint as ckpt_lib
+from train import config as config_lib
+from train import data as data_lib
+from train import evaluate as eval_lib
+from train import step as step_lib
+from train import writer as writer_lib
+from train.models import dit as dit_lib
+from train.models import vae as vae_lib
+
+STAGES = ("vae", "flow")
+
+
+class TooManySkipsError(RuntimeError):
+  """The run stopped after `config.max_consecutive_skips` non-finite steps in a row."""
+
+
+def _str_keys(tree):
+  """Pure-dict params with str keys (orbax-friendly; nnx.merge accepts them)."""
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def split_model(model: nnx.Module):
+  """`(graphdef, params, rest)`: params = nnx.Param leaves, rest = other state."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, _str_keys(params.to_pure_dict()), _str_keys(rest.to_pure_dict())
+
+
+def make_optimizer(config, stage_config, num_steps: int):
+  """AdamW with linear warmup then cosine|constant, global-norm clipping."""
+  lr, warmup = float(stage_config.learning_rate), int(stage_config.warmup_steps)
+  if config.schedule == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1), end_value=0.1 * lr)
+  else:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
+        [warmup])
+  parts = []
+  if config.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+  parts.append(optax.adamw(schedule, weight_decay=config.weight_decay))
+  return optax.chain(*parts), schedule
+
+
+def _init_split(make_model):
+  """`(graphdef, params, rest)` of `make_model()`, initialised in ONE jitted call.
+
+  Eager NNX initialisation dispatches (and on CPU compiles) every initialiser
+  op separately, which costs tens of seconds on a busy 2-core machine; the
+  graph structure comes from `nnx.eval_shape` (no FLOPs).
+  """
+  graphdef, _, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
+
+  @jax.jit
+  def init():
+    _, params, rest = nnx.split(make_model(), nnx.Param, ...)
+    return _str_keys(params.to_pure_dict()), _str_keys(rest.to_pure_dict())
+
+  params, rest = init()
+  return graphdef, params, rest
+
+
+def build_models(config):
+  """`((vae graphdef, params, rest), (dit graphdef, params, rest))`, from config.seed."""
+  vae = _init_split(lambda: vae_lib.VAE(channels=tuple(config.vae.channels),
+                                        latent_channels=config.vae.latent_channels,
+                                        rngs=nnx.Rngs(config.seed)))
+  dit = _init_split(lambda: dit_lib.DiT(
+      latent_channels=config.vae.latent_channels, patch_size=config.dit.patch_size,
+      hidden_size=config.dit.hidden_size, depth=config.dit.depth,
+      num_heads=config.dit.num_heads, mlp_ratio=config.dit.mlp_ratio,
+      rngs=nnx.Rngs(config.seed + 1)))
+  return vae, dit
+
+
+def _abstract(tree, mesh):
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
+                                                     sharding=sharding), tree)
+
+
+def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
+               stop: int, total: int, checkpointer, writer, datasets, mesh):
+  """Trains one stage from `state.step` up to step `stop` (<= `total`).
+
+  Returns `(state, preempted)`; on preemption (SIGTERM on any process) the
+  state is checkpointed before returning. Raises `TooManySkipsError` after
+  `config.max_consecutive_skips` skipped steps in a row.
+  """
+  start = int(state.step)
+  if start >= stop:
+    return state, False
+  bar = None
+  if jax.process_index() == 0 and config.progress_bar:
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+  it = datasets.train_iter(start)
+  t_last, n_last = time.perf_counter(), 0
+  preempted = False
+  try:
+    for step in range(start, stop):
+      batch = step_lib.shard_batch(make_batch(next(it)), mesh)
+      state, metrics = train_step(state, batch, frozen, key)
+      done = step + 1
+      n_last += 1
+      consec = int(state.consecutive_skips)
+      if consec >= config.max_consecutive_skips:
+        raise TooManySkipsError(
+            f"stage {name}: {consec} consecutive steps had a non-finite loss or gradient "
+            f"(last at step {done}, {int(state.skipped)} skipped in total); stopping "
+            f"(config.max_consecutive_skips={config.max_consecutive_skips}). Parameters "
+            "were never updated with non-finite values; the last checkpoint is intact.")
+      if bar is not None:
+        bar.update(1)
+      if done % config.log_every == 0 or done == total:
+        now = time.perf_counter()
+        scalars = {f"{name}/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        scalars[f"{name}/steps_per_sec"] = n_last / max(now - t_last, 1e-9)
+        scalars[f"{name}/skipped_total"] = float(state.skipped)
+        t_last, n_last = now, 0
+        writer.write_scalars(done, scalars)
+        if bar is not None:
+          bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in scalars.items()
+                           if k.split("/")[1] in ("total", "mse", "ssim", "l1", "skipped_total")})
+      checkpointer.save(done, state, force=(done == total))
+      if checkpointer.preemption_requested(done):  # all-gathered over processes
+        checkpointer.save(done, state, force=True)
+        preempted = True
+        logging.warning("stage %s: preemption requested; checkpoint saved at step %d",
+                        name, done)
+        break
+  finally:
+    checkpointer.wait()
+    if bar is not None:
+      bar.close()
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+  return state, preempted
+
+
+def _restore(checkpointer, state, mesh):
+  restored, _ = checkpointer.restore_latest(_abstract(state, mesh))
+  return state if restored is None else restored
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None,
+                       stop_after: Mapping[str, int] | None = None) -> dict[str, Any]:
+  """Trains the `vae` then the `flow` stage and evaluates on the validation crops.
+
+  Args:
+    config: a config from `configs/*.py`.
+    workdir: output directory; an existing run there is resumed.
+    devices: devices of the data mesh (all by default; tests pass one device).
+    stop_after: `{stage: step}`: stop (saving a checkpoint, as on preemption)
+      when that stage reaches that step; for the resumption tests.
+
+  Returns:
+    dict with `'flow'`: metrics of the final model vs bicubic (from
+    `evaluate.evaluate_sr`), `'vae'`: reconstruction PSNR/SSIM,
+    `'preempted'`: whether the run stopped early, `'skipped'`: skipped steps
+    per stage, `'params'`: final `{'vae', 'dit'}` params, `'grid'`: PNG path.
+  """
+  # 1. Validate before anything is built or compiled.
+  mesh = step_lib.make_mesh(devices)
+  config_lib.validate(config, num_devices=mesh.size)
+  ckpt_lib.check_workdir(workdir)
+  is_main = jax.process_index() == 0
+  compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
+  stop_after = dict(stop_after or {})
+  stop_at = lambda stage, total: min(total, stop_after.get(stage, total))
+
+  # 2. Data: each process builds only its rows of the global batch.
+  nproc = jax.process_count()
+  datasets = data_lib.make_datasets(config.data,
+                                    batch_size_per_process=config.batch_size // nproc,
+                                    seed=config.seed, process_index=jax.process_index(),
+                                    process_count=nproc)
+  val = datasets.val
+  writer = writer_lib.MetricWriter(os.path.join(workdir, "logs"), enabled=is_main)
+  key = jax.random.PRNGKey(config.seed)
+  results: dict[str, Any] = {"preempted": False, "skipped": {}}
+
+  # 3. Models (deterministic from the seed; restored params replace them).
+  (vae_graphdef, vae_params, vae_rest), (dit_graphdef, dit_params, _) = build_models(config)
+  hr_shape = (config.batch_size, config.data.hr_size, config.data.hr_size, 3)
+  latent_shape = step_lib.vae_latent_shape(vae_graphdef, vae_params, vae_rest, hr_shape)[1:]
+
+  try:
+    # 4. Stage vae: restore (a finished stage is restored and skipped), train.
+    total = config.vae.steps
+    tx, schedule = make_optimizer(config, config.vae, total)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "vae"),
+                                         max_to_keep=config.ckpt_max_to_keep,
+                                         save_interval_steps=config.ckpt_every)
+    state = _restore(checkpointer, step_lib.replicate(step_lib.init_state(vae_params, tx), mesh),
+                     mesh)
+    logging.info("stage vae: step %d of %d", int(state.step), total)
+    vae_step = step_lib.make_train_step(
+        step_lib.make_vae_loss(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype),
+        tx, mesh, make_inputs=step_lib.make_vae_inputs(latent_shape), lr_schedule=schedule)
+    state, preempted = _run_stage(
+        "vae", config, state=state, train_step=vae_step,
+        make_batch=lambda b: {"image": b.highres}, frozen={}, key=jax.random.fold_in(key, 1),
+        stop=stop_at("vae", total), total=total, checkpointer=checkpointer, writer=writer,
+        datasets=datasets, mesh=mesh)
+    if int(state.step) < total:
+      checkpointer.save(int(state.step), state, force=True)
+      preempted = True
+    checkpointer.close()
+    results["skipped"]["vae"] = int(state.skipped)
+    vae_params = state.params
+    if preempted:
+      results["preempted"] = True
+      return results
+    results["vae"] = evaluate_vae(config, vae_graphdef, vae_params, vae_rest, val, mesh=mesh,
+                                  compute_dtype=compute_dtype)
+    writer.write_scalars(total, {f"vae_eval/{k}": v for k, v in results["vae"].items()})
+
+    # 5. Stage flow: the DiT with the frozen VAE (its params are a jit argument).
+    total = config.flow.steps
+    tx, schedule = make_optimizer(config, config.flow, total)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "flow"),
+                                         max_to_keep=config.ckpt_max_to_keep,
+                                         save_interval_steps=config.ckpt_every)
+    state = _restore(checkpointer, step_lib.replicate(step_lib.init_state(dit_params, tx), mesh),
+                     mesh)
+    logging.info("stage flow: step %d of %d", int(state.step), total)
+    flow_step = step_lib.make_train_step(
+        step_lib.make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest,
+                                compute_dtype=compute_dtype),
+        tx, mesh, make_inputs=step_lib.make_flow_inputs(config, latent_shape),
+        lr_schedule=schedule)
+    frozen = step_lib.replicate(vae_params, mesh)
+    val_lowres = step_lib.replicate(np.asarray(val.lowres), mesh)
+    sampler = make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape,
+                           compute_dtype=compute_dtype)
+
+    def evaluate(dit_params, step: int, name: str):
+      pred = np.asarray(sampler(dit_params, frozen, val_lowres, jax.random.fold_in(key, 3)))
+      metrics = eval_lib.evaluate_sr(pred, val.lowres, val.highres, scale=config.data.scale)
+      # metrics = {"bicubic": {"psnr", "ssim", "ms_ssim"}, "model": {...}}
+      writer.write_scalars(step, {f"flow_eval/{method}_{k}": float(v)
+                                  for method, row in metrics.items() for k, v in row.items()})
+      if is_main:
+        n = config.eval_num_images
+        bicubic = np.asarray(eval_lib.bicubic_upsample(val.lowres[:n], config.data.scale))
+        results["grid"] = os.path.join(workdir, "eval", name)
+        eval_lib.save_grid(results["grid"], val.lowres[:n], bicubic, pred[:n], val.highres[:n],
+                           eval_lib.ssim_map_image(pred[:n], val.highres[:n]))
+      return metrics
+
+    every = config.eval_every or total
+    while int(state.step) < stop_at("flow", total):
+      # Train up to the next evaluation point, evaluate, go on (a flat loop, no callbacks).
+      nxt = min((int(state.step) // every + 1) * every, stop_at("flow", total))
+      state, preempted = _run_stage(
+          "flow", config, state=state, train_step=flow_step,
+          make_batch=lambda b: {"lowres": b.lowres, "highres": b.highres}, frozen=frozen,
+          key=jax.random.fold_in(key, 2), stop=nxt, total=total, checkpointer=checkpointer,
+          writer=writer, datasets=datasets, mesh=mesh)
+      if preempted:
+        break
+      if int(state.step) < total and int(state.step) % every == 0:
+        evaluate(state.params, int(state.step), f"step_{int(state.step):07d}.png")
+    done = int(state.step)
+    results["skipped"]["flow"] = int(state.skipped)
+    if done < total:
+      checkpointer.save(done, state, force=True)
+      checkpointer.close()
+      results["preempted"] = True
+      return results
+    checkpointer.close()
+    results["flow"] = evaluate(state.params, done, "final.png")
+    results["params"] = {"vae": vae_params, "dit": state.params}
+    if is_main:
+      print(f"\nValidation, {len(val.highres)} held-out crops, x{config.data.scale} "
+            f"super-resolution ({config.data.hr_size}px):")
+      print(eval_lib.format_table({**results["flow"],
+                                   "vae reconstruction (upper bound)": results["vae"]}))
+    return results
+  finally:
+    writer.close()
+
+
+def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
+                 compute_dtype):
+  """jitted `sample(dit_params, vae_params, lowres, key) -> images [-1,1]`: ODE from noise."""
+
+  def sample(dit_params, vae_params, lowres, key):
+    dit = nnx.merge(dit_graphdef, step_lib.cast_floating(dit_params, compute_dtype))
+    vae = nnx.merge(vae_graphdef, step_lib.cast_floating(vae_params, compute_dtype), vae_rest)
+    noise = jax.random.normal(key, (lowres.shape[0],) + tuple(latent_shape), jnp.float32)
+
+    def velocity_fn(x, t, cond):
+      t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+      return dit(x.astype(compute_dtype), t, cond).astype(jnp.float32)
+
+    z0 = eval_lib.ode_sample(velocity_fn, noise, lowres, num_steps=config.eval_ode_steps)
+    return jnp.clip(step_lib.decode_latents(vae, z0, compute_dtype=compute_dtype), -1.0, 1.0)
+
+  return jax.jit(sample)
+
+
+def evaluate_vae(config, vae_graphdef, vae_params, vae_rest, val, *, mesh, compute_dtype):
+  """Reconstruction PSNR / SSIM of the VAE on the validation crops (posterior mean)."""
+  import ssim_jax
+
+  @jax.jit
+  def recon(params, x):
+    vae = nnx.merge(vae_graphdef, step_lib.cast_floating(params, compute_dtype), vae_rest)
+    mean, _ = vae.encode(x.astype(compute_dtype))
+    rec = jnp.clip(vae.decode(mean).astype(jnp.float32), -1, 1)
+    x01, r01 = (x + 1) / 2, (rec + 1) / 2
+    mse = jnp.mean(jnp.square(x01 - r01), axis=(1, 2, 3))
+    psnr = jnp.mean(10 * jnp.log10(1.0 / mse))
+    return psnr, jnp.mean(ssim_jax.ssim(r01, x01, data_range=1.0,
+                                        window_size=config.ssim_window_size))
+
+  psnr, ssim = recon(vae_params, step_lib.replicate(np.asarray(val.highres), mesh))
+  return {"psnr": float(psnr), "ssim": float(ssim)}

@@ -1,0 +1,118 @@
+"""A small DiT velocity model over VAE latent tokens, for super-resolution.
+
+Input: the noisy latent `x_t` `[B, h, w, c]`, the flow time `t` `[B]` in [0, 1]
+and the low-resolution image `[B, hl, wl, 3]` in [-1, 1]. The low-resolution
+image is resized to the latent grid and patchified with the same patch size, so
+each token sees its own noisy latent patch and the matching low-resolution
+patch; `t` enters through adaptive LayerNorm (scale/shift/gate per block,
+zero-initialised gates: every block starts as the identity, as in DiT).
+
+Output: the velocity `v_pred` `[B, h, w, c]`, same shape and dtype as `x_t`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssim_jax import flow
+
+
+def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 1e4) -> jax.Array:
+  """Sinusoidal embedding of `t` `[B]` (scaled by 1000, as in DiT) -> `[B, dim]`."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * 1000.0)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def _pos_embedding_2d(gh: int, gw: int, dim: int) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding `[gh*gw, dim]` (a constant, not a Param)."""
+  def one_d(pos, d):
+    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = pos.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  yy, xx = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+  emb = np.concatenate([one_d(yy, dim // 2), one_d(xx, dim // 2)], axis=1)
+  return emb.astype(np.float32)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block with adaLN-zero modulation from the time embedding."""
+
+  def __init__(self, hidden: int, num_heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(hidden, use_scale=False, use_bias=False, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads=num_heads, in_features=hidden,
+                                       decode=False, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(hidden, use_scale=False, use_bias=False, rngs=rngs)
+    self.mlp1 = nnx.Linear(hidden, hidden * mlp_ratio, rngs=rngs)
+    self.mlp2 = nnx.Linear(hidden * mlp_ratio, hidden, rngs=rngs)
+    # Zero init: shift = scale = gate = 0, so the block is the identity at init.
+    self.ada = nnx.Linear(hidden, 6 * hidden, kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+  def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    s1, b1, g1, s2, b2, g2 = jnp.split(self.ada(nnx.silu(c))[:, None], 6, axis=-1)
+    h = self.norm1(x) * (1 + s1) + b1
+    x = x + g1 * self.attn(h)
+    h = self.norm2(x) * (1 + s2) + b2
+    x = x + g2 * self.mlp2(nnx.gelu(self.mlp1(h)))
+    return x
+
+
+class DiT(nnx.Module):
+  """Velocity model `v = DiT(x_t, t, lowres)` over latent tokens.
+
+  Args:
+    latent_channels: channels `c` of the VAE latent.
+    patch_size: latent pixels per token side.
+    hidden_size, depth, num_heads, mlp_ratio: transformer size.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(self, *, latent_channels: int, patch_size: int, hidden_size: int,
+               depth: int, num_heads: int, mlp_ratio: int, rngs: nnx.Rngs):
+    self.latent_channels = latent_channels
+    self.patch_size = patch_size
+    self.hidden_size = hidden_size
+    token_dim = patch_size * patch_size * latent_channels
+    cond_dim = patch_size * patch_size * 3
+    self.embed = nnx.Linear(token_dim + cond_dim, hidden_size, rngs=rngs)
+    self.t_mlp1 = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
+    self.t_mlp2 = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
+    self.blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs)
+                            for _ in range(depth)])
+    self.final_norm = nnx.LayerNorm(hidden_size, use_scale=False, use_bias=False, rngs=rngs)
+    self.final_ada = nnx.Linear(hidden_size, 2 * hidden_size,
+                                kernel_init=nnx.initializers.zeros, rngs=rngs)
+    # Zero output layer: v_pred = 0 at init (a stable start for flow matching).
+    self.out = nnx.Linear(hidden_size, token_dim, kernel_init=nnx.initializers.zeros,
+                          rngs=rngs)
+
+  def __call__(self, x_t: jax.Array, t: jax.Array, lowres: jax.Array) -> jax.Array:
+    """Args: x_t `[B,h,w,c]`, t `[B]`, lowres `[B,hl,wl,3]`. Returns v_pred `[B,h,w,c]`."""
+    b, h, w, c = x_t.shape
+    if c != self.latent_channels:
+      raise ValueError(f"x_t: expected {self.latent_channels} channels, got shape {x_t.shape}")
+    if t.shape != (b,):
+      raise ValueError(f"t: expected shape ({b},), got {t.shape}")
+    if lowres.ndim != 4 or lowres.shape[0] != b or lowres.shape[-1] != 3:
+      raise ValueError(f"lowres: expected [{b}, hl, wl, 3], got {lowres.shape}")
+    p = self.patch_size
+    dtype = x_t.dtype
+    cond = jax.image.resize(lowres.astype(dtype), (b, h, w, 3), method="bilinear")
+    tok = flow.patchify(x_t, patch_size=p)  # [B, T, p*p*c]
+    ctok = flow.patchify(cond, patch_size=p)  # [B, T, p*p*3]
+    x = self.embed(jnp.concatenate([tok, ctok], axis=-1))
+    x = x + jnp.asarray(_pos_embedding_2d(h // p, w // p, self.hidden_size), dtype)[None]
+    temb = timestep_embedding(t, self.hidden_size).astype(dtype)
+    temb = self.t_mlp2(nnx.silu(self.t_mlp1(temb)))
+    for blk in self.blocks:
+      x = blk(x, temb)
+    shift, scale = jnp.split(self.final_ada(nnx.silu(temb))[:, None], 2, axis=-1)
+    x = self.final_norm(x) * (1 + scale) + shift
+    v = self.out(x)
+    return flow.unpatchify(v, grid_hw=(h // p, w // p), patch_size=p).astype(dtype)
