@@ -12,7 +12,9 @@ Promises (tested in tests/train/test_checkpoint.py):
   of its bit pattern, computed on device) in the JSON metadata item.
   `restore_latest` recomputes it after restoring: a step whose files are
   missing, truncated or silently altered fails to restore or mismatches, is
-  reported with a warning, and the previous intact step is restored instead.
+  reported with a warning and moved to `<dir>.damaged/` (never deleted), and
+  the previous intact step is restored instead. A checkpoint of a differently
+  shaped state (the config changed) is an error, not damage.
 - `Checkpointer` installs a SIGTERM handler (main thread only) that only sets
   a flag; the loop polls `preemption_requested(step)`, saves and exits. Orbax's
   `reached_preemption(step)` (the JAX distributed preemption service) is
@@ -27,6 +29,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from typing import Any, Mapping
 
 import jax
@@ -323,7 +326,8 @@ class Checkpointer:
     """Restores the newest intact checkpoint.
 
     Damaged steps (newest first) are skipped with a warning naming the step
-    and the error. A checkpoint of a differently shaped state (changed config)
+    and the error, and moved to `<directory>.damaged/` so that the resumed
+    run can save those steps again. A checkpoint of a differently shaped state (changed config)
     is not damage: `StructureMismatchError` is raised.
 
     Args:
@@ -335,6 +339,8 @@ class Checkpointer:
       `(state, step)` (or `(state, step, meta)`), `(None, 0[, {}])` when there
       is no intact checkpoint.
     """
+    damaged = []
+    found = None
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, abstract_state)
@@ -344,10 +350,38 @@ class Checkpointer:
         logging.warning("checkpoint step %d in %s is damaged and is skipped "
                         "(%s: %s); trying the previous one", step, self.directory,
                         type(e).__name__, str(e)[:500])
+        damaged.append(step)
         continue
-      logging.info("restored checkpoint step %d from %s", step, self.directory)
-      return (state, step, meta) if return_meta else (state, step)
-    return (None, 0, {}) if return_meta else (None, 0)
+      found = (state, step, meta)
+      break
+    if damaged:
+      self._quarantine(damaged)
+    if found is None:
+      return (None, 0, {}) if return_meta else (None, 0)
+    state, step, meta = found
+    logging.info("restored checkpoint step %d from %s", step, self.directory)
+    return (state, step, meta) if return_meta else (state, step)
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves damaged steps to `<directory>.damaged/` (kept for inspection).
+
+    They must leave the manager's directory: the resumed run saves those step
+    numbers again, and keep-N must not count them.
+    """
+    target = self.directory.rstrip(os.sep) + ".damaged"
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(target, f"{step}-{stamp}")
+        if os.path.exists(src):
+          os.replace(src, dst)
+          logging.warning("moved damaged checkpoint %s to %s", src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("ssim_jax_checkpoint_quarantine")
+    self._manager.reload()
 
   # -- preemption -------------------------------------------------------------
 

@@ -87,9 +87,17 @@ def test_damaged_latest_falls_back_with_warning(tmp_path, caplog, damage):
   with caplog.at_level(logging.WARNING):
     with checkpoint.Checkpointer(d, install_sigterm_handler=False) as ck:
       state, step = ck.restore_latest(_abstract())
-  assert step == 1
-  _assert_tree_equal(state, _state(1))
-  assert "checkpoint step 2" in caplog.text and "damaged" in caplog.text
+      assert step == 1
+      _assert_tree_equal(state, _state(1))
+      assert "checkpoint step 2" in caplog.text and "damaged" in caplog.text
+      # The damaged step is moved aside (kept), so the resumed run saves it again.
+      assert ck.all_steps() == [1]
+      assert len(os.listdir(str(d) + ".damaged")) == 1
+      assert ck.save(2, _state(22))
+  with checkpoint.Checkpointer(d, install_sigterm_handler=False) as ck:
+    state, step = ck.restore_latest(_abstract())
+  assert step == 2
+  _assert_tree_equal(state, _state(22))
 
 
 def test_fingerprint_catches_silent_change(tmp_path, monkeypatch):
