@@ -315,8 +315,12 @@ def _make_region(key: int, image: np.ndarray | None, row0: int, row1: int, width
 
 
 def _plan(rng: np.random.Generator, regions: Sequence[_Region], size: int, n: int,
-          *, flips: bool) -> list[SampleSpec]:
-  """Draws `n` crop specs with `rng` (the same draws in every process)."""
+          *, flips: bool, lo: int = 0, hi: int | None = None) -> list[SampleSpec]:
+  """Draws `n` crop specs with `rng` (the same draws in every process).
+
+  Only specs `[lo, hi)` are built: a process needs only its slice of the
+  global batch, but draws the whole batch's random numbers to stay in step.
+  """
   # Regions are picked in proportion to their number of valid corners, so
   # every allowed crop position is equally likely.
   weights = np.array([
@@ -327,7 +331,7 @@ def _plan(rng: np.random.Generator, regions: Sequence[_Region], size: int, n: in
   u = rng.random((n, 2))
   fl = rng.random((n, 2)) < 0.5
   specs = []
-  for k in range(n):
+  for k in range(lo, n if hi is None else hi):
     r = regions[region_ids[k]]
     wpos = r.width - size + 1
     if r.corners is not None:
@@ -667,7 +671,7 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
   def plan_step(step: int) -> list[SampleSpec]:
     """This process's sample specs at `step` (slice of the global plan)."""
     rng = np.random.default_rng([int(seed), int(step)])
-    return _plan(rng, train_regions, size, global_batch, flips=flips)[lo:hi]
+    return _plan(rng, train_regions, size, global_batch, flips=flips, lo=lo, hi=hi)
 
   def make_batch(step: int) -> Batch:
     return _extract(store, train_regions, plan_step(step), size, scale,
