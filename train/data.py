@@ -236,13 +236,30 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
   raise ValueError(f"unsupported pixel dtype {arr.dtype}")
 
 
+_TIFF = (".tif", ".tiff")
+
+
+def _tiff_to_hwc(arr: np.ndarray) -> np.ndarray:
+  """tifffile's first page -> `[H, W]` or `[H, W, C]` (planar RGB moved last)."""
+  if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+    arr = np.moveaxis(arr, 0, -1)
+  return arr
+
+
 def load_image(path: str) -> np.ndarray:
   """Decodes one image file to `[H, W, 3]` uint8 or uint16.
 
+  TIFFs are read with tifffile (a scikit-image dependency): Pillow would
+  silently truncate 16-bit RGB TIFFs to 8 bits. Multi-page files: first page.
+
   Raises:
-    OSError / ValueError (and whatever Pillow raises) when the file is not a
-    decodable image; callers skip and count such files.
+    OSError / ValueError (and whatever the decoder raises) when the file is not
+    a decodable image; callers skip and count such files.
   """
+  if path.lower().endswith(_TIFF):
+    import tifffile  # pylint: disable=g-import-not-at-top
+    return _to_rgb(_tiff_to_hwc(np.asarray(tifffile.imread(path, key=0))))
+
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   with Image.open(path) as im:
@@ -516,6 +533,15 @@ def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
 
 def _read_header(path: str) -> tuple[int, int, int]:
   """(height, width, bytes per decoded RGB pixel) from the file header only."""
+  if path.lower().endswith(_TIFF):
+    import tifffile  # pylint: disable=g-import-not-at-top
+    with tifffile.TiffFile(path) as tif:
+      page = tif.pages[0]
+      # A zero-cost view with the page's shape, oriented like load_image's.
+      shape = _tiff_to_hwc(np.broadcast_to(np.zeros((), np.uint8), page.shape)).shape
+      deep = np.dtype(page.dtype).itemsize > 1
+    return int(shape[0]), int(shape[1]), (6 if deep else 3)
+
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   with Image.open(path) as im:

@@ -177,6 +177,21 @@ def test_folder_decoding_16bit_gray_and_rgba(tmp_path):
   np.testing.assert_array_equal(data._to_float(np.array([0, 65535], np.uint16)), [-1.0, 1.0])
 
 
+@pytest.mark.parametrize("planar", [False, True])
+def test_16bit_rgb_tiff_keeps_16_bits(tmp_path, planar):
+  import tifffile
+  rgb = (np.arange(20 * 24 * 3).reshape(20, 24, 3) * 97 % 65536).astype(np.uint16)
+  path = str(tmp_path / "x.tif")
+  if planar:
+    tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), planarconfig="separate", photometric="rgb")
+  else:
+    tifffile.imwrite(path, rgb, photometric="rgb")
+  img = data.load_image(path)
+  assert img.dtype == np.uint16
+  np.testing.assert_array_equal(img, rgb)  # Pillow would truncate to 8 bits
+  assert data._read_header(path) == (20, 24, 6)
+
+
 def test_folder_holds_out_whole_files(tmp_path):
   # Ten constant images with distinct values: every crop tells its file.
   root = tmp_path / "const"
