@@ -89,6 +89,8 @@ class DataStats:
     train_images / val_images: images (or image regions) per split.
     lazy: folder decoded on demand (too large to hold); then files that fail
       to decode are found, counted and warned about when first needed.
+    reduced_precision: 16-bit colour PNGs, which Pillow decodes to 8 bits
+      (warned about; 16-bit TIFFs and 16-bit gray PNGs keep 16 bits).
   """
   source: str
   files_found: int = 0
@@ -98,6 +100,7 @@ class DataStats:
   train_images: int = 0
   val_images: int = 0
   lazy: bool = False
+  reduced_precision: list = dataclasses.field(default_factory=list)
 
 
 class Datasets(NamedTuple):
@@ -531,6 +534,17 @@ def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
   return sorted(out)
 
 
+def _png_loses_bits(path: str) -> bool:
+  """True for a 16-bit colour (or gray + alpha) PNG: Pillow decodes it to 8 bits."""
+  if not path.lower().endswith(".png"):
+    return False
+  with open(path, "rb") as f:
+    head = f.read(26)
+  # Signature (8), IHDR length (4) + type (4), width (4), height (4), depth, colour type.
+  return (len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16
+          and head[25] in (2, 4, 6))
+
+
 def _read_header(path: str) -> tuple[int, int, int]:
   """(height, width, bytes per decoded RGB pixel) from the file header only."""
   if path.lower().endswith(_TIFF):
@@ -571,8 +585,15 @@ def _folder_source(root: str, size: int, val_fraction: float, extensions,
     if h < size or w < size:
       stats.skipped.append((path, f"smaller than one {size}x{size} crop ({h}x{w})"))
       continue
+    if _png_loses_bits(path):
+      stats.reduced_precision.append(path)
     paths.append(path)
     shapes.append((h, w, bpp))
+  if stats.reduced_precision:
+    logging.warning(
+        "data.dir=%r: %d 16-bit colour PNG file(s) are decoded at 8-bit precision "
+        "(a Pillow limitation), e.g. %s; save them as 16-bit TIFF to keep 16 bits",
+        root, len(stats.reduced_precision), stats.reduced_precision[0])
   total = sum(h * w * bpp for h, w, bpp in shapes)
   stats.lazy = total > cache_bytes
   arrays = None

@@ -177,6 +177,37 @@ def test_folder_decoding_16bit_gray_and_rgba(tmp_path):
   np.testing.assert_array_equal(data._to_float(np.array([0, 65535], np.uint16)), [-1.0, 1.0])
 
 
+def _png16_rgb(path, rgb16):
+  """A minimal 16-bit RGB PNG (Pillow cannot write one)."""
+  import struct
+  import zlib
+  h, w, _ = rgb16.shape
+  be = rgb16.astype(">u2")
+  raw = b"".join(b"\x00" + be[i].tobytes() for i in range(h))
+  def chunk(kind, payload):
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+  path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                   + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                   + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16bit_colour_png_is_flagged(tmp_path, caplog):
+  root = tmp_path / "p"
+  root.mkdir()
+  _png16_rgb(root / "deep.png", np.full((20, 20, 3), 40000, np.uint16))
+  _save(str(root / "gray16.png"), np.full((20, 20), 40000, np.uint16))
+  with caplog.at_level(logging.WARNING):
+    ds = data.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=1, seed=0)
+  assert [os.path.basename(p) for p in ds.stats.reduced_precision] == ["deep.png"]
+  assert "8-bit precision" in caplog.text and "deep.png" in caplog.text
+  assert ds.stats.files_read == 2  # still used, at 8 bits: 40000 / 65535 ~ 156 / 255
+  deep = data.load_image(str(root / "deep.png"))
+  assert deep.dtype == np.uint8 and (deep == 40000 >> 8).all()
+  gray = data.load_image(str(root / "gray16.png"))
+  assert gray.dtype == np.uint16 and (gray == 40000).all()
+
+
 @pytest.mark.parametrize("planar", [False, True])
 def test_16bit_rgb_tiff_keeps_16_bits(tmp_path, planar):
   import tifffile
