@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,67 @@ def build_models(config):
       num_heads=config.dit.num_heads, mlp_ratio=config.dit.mlp_ratio,
       rngs=nnx.Rngs(config.seed + 1)))
   return vae, dit
+
+
+class Programs(NamedTuple):
+  """Models, optimisers and jitted programs of one (config, mesh): built once per process."""
+  vae: tuple  # (graphdef, initial params, rest)
+  dit: tuple  # (graphdef, initial params, rest)
+  latent_shape: tuple  # (h, w, c) of one image's latent
+  vae_tx: Any
+  vae_state0: Any  # TrainState at step 0
+  flow_state0: Any
+  vae_schedule: Any
+  vae_step: Any
+  flow_tx: Any
+  flow_schedule: Any
+  flow_step: Any
+  sampler: Any
+  recon: Any
+
+
+_PROGRAMS: dict = {}
+
+
+def build_programs(config, mesh) -> Programs:
+  """Builds (or returns the cached) models and jitted programs for `config` on `mesh`.
+
+  The cache key is the config JSON and the mesh devices, so calling
+  `train_and_evaluate` again in the same process (a notebook, a resume test)
+  reuses the compiled steps instead of tracing and compiling them again.
+  """
+  cache_key = (config.to_json_best_effort(sort_keys=True),
+               tuple(d.id for d in mesh.devices.flat))
+  if cache_key in _PROGRAMS:
+    return _PROGRAMS[cache_key]
+  compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
+  vae, dit = build_models(config)
+  vae_graphdef, vae_params, vae_rest = vae
+  dit_graphdef = dit[0]
+  hr_shape = (config.batch_size, config.data.hr_size, config.data.hr_size, 3)
+  latent_shape = step_lib.vae_latent_shape(vae_graphdef, vae_params, vae_rest, hr_shape)[1:]
+  vae_tx, vae_schedule = make_optimizer(config, config.vae, config.vae.steps)
+  vae_step = step_lib.make_train_step(
+      step_lib.make_vae_loss(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype),
+      vae_tx, mesh, make_inputs=step_lib.make_vae_inputs(latent_shape),
+      lr_schedule=vae_schedule)
+  flow_tx, flow_schedule = make_optimizer(config, config.flow, config.flow.steps)
+  flow_step = step_lib.make_train_step(
+      step_lib.make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest,
+                              compute_dtype=compute_dtype),
+      flow_tx, mesh, make_inputs=step_lib.make_flow_inputs(config, latent_shape),
+      lr_schedule=flow_schedule)
+  programs = Programs(
+      vae=vae, dit=dit, latent_shape=latent_shape, vae_tx=vae_tx, vae_schedule=vae_schedule,
+      vae_state0=step_lib.init_state(vae_params, vae_tx),
+      flow_state0=step_lib.init_state(dit[1], flow_tx),
+      vae_step=vae_step, flow_tx=flow_tx, flow_schedule=flow_schedule, flow_step=flow_step,
+      sampler=make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape,
+                           compute_dtype=compute_dtype),
+      recon=make_recon(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype))
+  _PROGRAMS.clear()  # keep one: programs hold compiled executables
+  _PROGRAMS[cache_key] = programs
+  return programs
 
 
 def _abstract(tree, mesh):
@@ -195,7 +256,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
   config_lib.validate(config, num_devices=mesh.size)
   ckpt_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
-  compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
   stop_after = dict(stop_after or {})
   stop_at = lambda stage, total: min(total, stop_after.get(stage, total))
 
@@ -210,26 +270,20 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
   key = jax.random.PRNGKey(config.seed)
   results: dict[str, Any] = {"preempted": False, "skipped": {}}
 
-  # 3. Models (deterministic from the seed; restored params replace them).
-  (vae_graphdef, vae_params, vae_rest), (dit_graphdef, dit_params, _) = build_models(config)
-  hr_shape = (config.batch_size, config.data.hr_size, config.data.hr_size, 3)
-  latent_shape = step_lib.vae_latent_shape(vae_graphdef, vae_params, vae_rest, hr_shape)[1:]
+  # 3. Models and jitted programs (deterministic from the seed; cached per config).
+  progs = build_programs(config, mesh)
+  vae_graphdef, vae_params, vae_rest = progs.vae
 
   try:
     # 4. Stage vae: restore (a finished stage is restored and skipped), train.
     total = config.vae.steps
-    tx, schedule = make_optimizer(config, config.vae, total)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "vae"),
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
-    state = _restore(checkpointer, step_lib.replicate(step_lib.init_state(vae_params, tx), mesh),
-                     mesh)
+    state = _restore(checkpointer, step_lib.replicate(progs.vae_state0, mesh), mesh)
     logging.info("stage vae: step %d of %d", int(state.step), total)
-    vae_step = step_lib.make_train_step(
-        step_lib.make_vae_loss(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype),
-        tx, mesh, make_inputs=step_lib.make_vae_inputs(latent_shape), lr_schedule=schedule)
     state, preempted = _run_stage(
-        "vae", config, state=state, train_step=vae_step,
+        "vae", config, state=state, train_step=progs.vae_step,
         make_batch=lambda b: {"image": b.highres}, frozen={}, key=jax.random.fold_in(key, 1),
         stop=stop_at("vae", total), total=total, checkpointer=checkpointer, writer=writer,
         datasets=datasets, mesh=mesh)
@@ -242,31 +296,22 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     if preempted:
       results["preempted"] = True
       return results
-    results["vae"] = evaluate_vae(config, vae_graphdef, vae_params, vae_rest, val, mesh=mesh,
-                                  compute_dtype=compute_dtype)
+    psnr, ssim = progs.recon(vae_params, step_lib.replicate(np.asarray(val.highres), mesh))
+    results["vae"] = {"psnr": float(psnr), "ssim": float(ssim)}
     writer.write_scalars(total, {f"vae_eval/{k}": v for k, v in results["vae"].items()})
 
     # 5. Stage flow: the DiT with the frozen VAE (its params are a jit argument).
     total = config.flow.steps
-    tx, schedule = make_optimizer(config, config.flow, total)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "flow"),
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
-    state = _restore(checkpointer, step_lib.replicate(step_lib.init_state(dit_params, tx), mesh),
-                     mesh)
+    state = _restore(checkpointer, step_lib.replicate(progs.flow_state0, mesh), mesh)
     logging.info("stage flow: step %d of %d", int(state.step), total)
-    flow_step = step_lib.make_train_step(
-        step_lib.make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest,
-                                compute_dtype=compute_dtype),
-        tx, mesh, make_inputs=step_lib.make_flow_inputs(config, latent_shape),
-        lr_schedule=schedule)
     frozen = step_lib.replicate(vae_params, mesh)
     val_lowres = step_lib.replicate(np.asarray(val.lowres), mesh)
-    sampler = make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape,
-                           compute_dtype=compute_dtype)
 
     def evaluate(dit_params, step: int, name: str):
-      pred = np.asarray(sampler(dit_params, frozen, val_lowres, jax.random.fold_in(key, 3)))
+      pred = np.asarray(progs.sampler(dit_params, frozen, val_lowres, jax.random.fold_in(key, 3)))
       metrics = eval_lib.evaluate_sr(pred, val.lowres, val.highres, scale=config.data.scale)
       # metrics = {"bicubic": {"psnr", "ssim", "ms_ssim"}, "model": {...}}
       writer.write_scalars(step, {f"flow_eval/{method}_{k}": float(v)
@@ -284,7 +329,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       # Train up to the next evaluation point, evaluate, go on (a flat loop, no callbacks).
       nxt = min((int(state.step) // every + 1) * every, stop_at("flow", total))
       state, preempted = _run_stage(
-          "flow", config, state=state, train_step=flow_step,
+          "flow", config, state=state, train_step=progs.flow_step,
           make_batch=lambda b: {"lowres": b.lowres, "highres": b.highres}, frozen=frozen,
           key=jax.random.fold_in(key, 2), stop=nxt, total=total, checkpointer=checkpointer,
           writer=writer, datasets=datasets, mesh=mesh)
@@ -331,9 +376,9 @@ def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
   return jax.jit(sample)
 
 
-def evaluate_vae(config, vae_graphdef, vae_params, vae_rest, val, *, mesh, compute_dtype):
-  """Reconstruction PSNR / SSIM of the VAE on the validation crops (posterior mean)."""
-  import ssim_jax
+def make_recon(config, vae_graphdef, vae_rest, *, compute_dtype):
+  """jitted `recon(vae_params, images) -> (PSNR dB, SSIM)` of the VAE (posterior mean)."""
+  import ssim_jax  # pylint: disable=g-import-not-at-top
 
   @jax.jit
   def recon(params, x):
@@ -346,5 +391,4 @@ def evaluate_vae(config, vae_graphdef, vae_params, vae_rest, val, *, mesh, compu
     return psnr, jnp.mean(ssim_jax.ssim(r01, x01, data_range=1.0,
                                         window_size=config.ssim_window_size))
 
-  psnr, ssim = recon(vae_params, step_lib.replicate(np.asarray(val.highres), mesh))
-  return {"psnr": float(psnr), "ssim": float(ssim)}
+  return recon

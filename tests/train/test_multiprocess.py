@@ -1,0 +1,85 @@
+"""Two processes on localhost (CPU, gloo collectives) train to the same params as one."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+
+pytestmark = pytest.mark.slow
+
+WORKER = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    from train import distributed
+    assert distributed.initialize(distributed.from_env())
+    from train import loop
+    from configs import tiny
+    assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+    cfg = tiny.get_config()
+    cfg.vae.steps = 3
+    cfg.flow.steps = 3
+    res = loop.train_and_evaluate(cfg, sys.argv[1])
+    flat = {f"{n}_{i}": np.asarray(x) for n in ("vae", "dit")
+            for i, x in enumerate(jax.tree.leaves(jax.device_get(res["params"][n])))}
+    np.savez(sys.argv[2] + f"_{jax.process_index()}.npz", **flat)
+    print("WORKER_OK", jax.process_index())
+""")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  port = free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               SSIM_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SSIM_JAX_NUM_PROCESSES="2",
+               SSIM_JAX_PROCESS_ID=str(pid), SSIM_JAX_CPU_COLLECTIVES="gloo")
+    procs.append(subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "mp"), str(tmp_path / "params")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0 and "WORKER_OK" in out, out[-4000:]
+
+  # The same run in this process over 8 local devices.
+  cfg = tiny.get_config()
+  cfg.vae.steps = 3
+  cfg.flow.steps = 3
+  res = loop.train_and_evaluate(cfg, str(tmp_path / "single"), devices=jax.devices())
+  single = [np.asarray(x) for n in ("vae", "dit")
+            for x in jax.tree.leaves(jax.device_get(res["params"][n]))]
+  for pid in range(2):
+    got = np.load(str(tmp_path / "params") + f"_{pid}.npz")
+    assert len(got.files) == len(single)
+    multi = [got[f"{n}_{i}"] for n in ("vae", "dit")
+             for i in range(len([k for k in got.files if k.startswith(n + "_")]))]
+    for a, b in zip(single, multi):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
