@@ -11,6 +11,16 @@ Lowerings (all compute the same separable filter; tests pin them to the
 reference to 1e-6):
 
 - ``"conv"``: `jax.lax.conv_general_dilated`, the reference path.
+- ``"matmul"``: the 1-D filter as a banded (Toeplitz) matrix product along
+  each axis; long axes are cut into blocks of `_BLOCK` outputs (each block
+  reads `_BLOCK + K - 1` inputs), so the wasted FLOPs on zeros stay bounded.
+- ``"slices"``: the 1-D filter as a sum of K shifted slices (symmetric taps
+  paired), one fused elementwise loop per axis, with a `jax.custom_vjp` whose
+  backward is the same filter with the flipped kernel (the adjoint), because
+  XLA's autodiff of slices (pad + add per tap) is an order of magnitude
+  slower than the forward pass. Being a custom_vjp, it supports reverse mode
+  (to any order) but not forward mode (`jax.jvp`, `jax.jacfwd`): force
+  ``method="matmul"`` there.
 
 The input is float32 `[B, H, W, C]`; channels are filtered independently.
 """
@@ -25,9 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 Padding = Literal["valid", "same"]
-Method = Literal["auto", "conv"]
+Method = Literal["auto", "conv", "matmul", "slices"]
 
-METHODS = ("conv",)
+METHODS = ("conv", "matmul", "slices")
+
+# Outputs per block of the blocked banded matmul: the dense band costs
+# 2 (_BLOCK + K - 1) FLOPs per output instead of 2 K, in exchange for a gemm.
+_BLOCK = 64
+# Axes with at most this many outputs use one unblocked Toeplitz matrix.
+_MAX_UNBLOCKED = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,6 +73,12 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   This is the one place where the choice is made; `blur(..., method="auto")`
   calls it at trace time. Users force a lowering with `method=`.
 
+  On CPU the shifted-slice sums win at every benchmarked shape (see
+  benchmarks/README.md): XLA's CPU depthwise convolution is several times
+  slower, and the banded matmul spends most FLOPs on zeros. Other backends
+  keep the reference convolution (cuDNN / TPU convolutions are fast there and
+  no GPU measurement exists yet).
+
   Args:
     shape: `[B, H, W, C]` of the image to be blurred.
     backend: `jax.default_backend()` when None.
@@ -64,7 +86,11 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   Returns:
     One of `METHODS`.
   """
-  del shape, backend
+  del shape  # The CPU choice does not depend on the shape in measurements.
+  if backend is None:
+    backend = jax.default_backend()
+  if backend == "cpu":
+    return "slices"
   return "conv"
 
 
@@ -90,6 +116,107 @@ def _blur_conv(x: jax.Array, kernel: np.ndarray, padding: Padding) -> jax.Array:
   return jnp.moveaxis(y.reshape(b, c, ho, wo), 1, -1)
 
 
+def _pad_same(x: jax.Array, k: int, axes: tuple[int, ...]) -> jax.Array:
+  pads = [(0, 0)] * x.ndim
+  for a in axes:
+    pads[a] = (k // 2, k // 2)
+  return jnp.pad(x, pads)
+
+
+@functools.lru_cache(maxsize=None)
+def _band_np(taps: tuple[float, ...], n_in: int, n_out: int) -> np.ndarray:
+  """`[n_in, n_out]` matrix M with (v @ M)[i] = sum_j taps[j] v[i + j]."""
+  m = np.zeros((n_in, n_out), np.float32)
+  for i in range(n_out):
+    m[i:i + len(taps), i] = taps
+  return m
+
+
+def _matmul_last_axis(x: jax.Array, taps: tuple[float, ...]) -> jax.Array:
+  """'valid' 1-D filter along the last axis as a (blocked) band matmul."""
+  k = len(taps)
+  n = x.shape[-1]
+  n_out = n - k + 1
+  lead = x.shape[:-1]
+  if n_out <= _MAX_UNBLOCKED:
+    band = jnp.asarray(_band_np(taps, n, n_out))
+    return jnp.einsum("...l,lo->...o", x, band,
+                      precision=jax.lax.Precision.HIGHEST)
+  bo = max(_BLOCK, k - 1)
+  nb = -(-n_out // bo)
+  # Zero tail so that block j and the first K-1 inputs of block j+1 exist.
+  xp = jnp.pad(x, [(0, 0)] * len(lead) + [(0, (nb + 1) * bo - n)])
+  blocks = xp.reshape(lead + (nb + 1, bo))
+  windows = jnp.concatenate([blocks[..., :nb, :], blocks[..., 1:, :k - 1]],
+                            axis=-1)  # [..., nb, bo + K - 1]
+  band = jnp.asarray(_band_np(taps, bo + k - 1, bo))
+  y = jnp.einsum("...nl,lo->...no", windows, band,
+                 precision=jax.lax.Precision.HIGHEST)
+  return y.reshape(lead + (nb * bo,))[..., :n_out]
+
+
+def _blur_matmul(x: jax.Array, kernel: np.ndarray, padding: Padding
+                 ) -> jax.Array:
+  """Banded-matmul lowering; the filtered axis is made the minor one."""
+  taps = tuple(float(t) for t in kernel)
+  if padding == "same":
+    x = _pad_same(x, len(taps), (1, 2))
+  y = jnp.transpose(x, (0, 3, 1, 2))           # [B, C, H, W]
+  y = _matmul_last_axis(y, taps)               # [B, C, H, W']
+  y = _matmul_last_axis(jnp.swapaxes(y, 2, 3), taps)  # [B, C, W', H']
+  return jnp.transpose(y, (0, 3, 2, 1))        # [B, H', W', C]
+
+
+def _slices_axis(x: jax.Array, taps: tuple[float, ...], axis: int
+                 ) -> jax.Array:
+  """'valid' 1-D filter along `axis` as a sum of shifted slices."""
+  k = len(taps)
+  n_out = x.shape[axis] - k + 1
+
+  def sl(start):
+    return jax.lax.slice_in_dim(x, start, start + n_out, axis=axis)
+
+  if all(taps[j] == taps[k - 1 - j] for j in range(k)):
+    # Symmetric window: pair mirrored taps, (K+1)/2 multiplies instead of K.
+    r = k // 2
+    acc = taps[r] * sl(r)
+    for j in range(r):
+      acc = acc + taps[j] * (sl(j) + sl(k - 1 - j))
+    return acc
+  acc = taps[0] * sl(0)
+  for j in range(1, k):
+    acc = acc + taps[j] * sl(j)
+  return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _blur_slices(x: jax.Array, taps: tuple[float, ...], padding: str
+                 ) -> jax.Array:
+  """Shifted-slice lowering with an adjoint-filter backward."""
+  if padding == "same":
+    x = _pad_same(x, len(taps), (1, 2))
+  return _slices_axis(_slices_axis(x, taps, 1), taps, 2)
+
+
+def _blur_slices_fwd(x, taps, padding):
+  # Linear in x: nothing but the shape is needed for the backward.
+  return _blur_slices(x, taps, padding), None
+
+
+def _blur_slices_bwd(taps, padding, _, g):
+  # Adjoint of correlation with `taps` is correlation with the flipped taps:
+  # 'same' (zero padding) maps to 'same'; 'valid' maps to 'valid' on the
+  # cotangent zero-padded by K-1 on both sides ('full').
+  flipped = taps[::-1]
+  k = len(taps)
+  if padding == "valid":
+    g = jnp.pad(g, [(0, 0), (k - 1, k - 1), (k - 1, k - 1), (0, 0)])
+  return (_blur_slices(g, flipped, padding),)
+
+
+_blur_slices.defvjp(_blur_slices_fwd, _blur_slices_bwd)
+
+
 def blur(
     x: jax.Array,
     kernel: np.ndarray,
@@ -101,7 +228,8 @@ def blur(
 
   Args:
     x: float32 `[B, H, W, C]`.
-    kernel: 1-D window `[K]` (K odd), from `gaussian_kernel`.
+    kernel: 1-D window `[K]` (K odd), from `gaussian_kernel`; a host
+      (numpy) array, since it is baked into the compiled filter.
     padding: ``"valid"`` gives `[B, H-K+1, W-K+1, C]`; ``"same"`` zero-pads
       and gives `[B, H, W, C]`.
     method: lowering, ``"auto"`` defers to `choose_method`.
@@ -109,8 +237,23 @@ def blur(
   Returns:
     The filtered maps, float32.
   """
+  if padding not in ("valid", "same"):
+    raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+  if x.ndim != 4:
+    raise ValueError(f"x must be [B, H, W, C], got shape {x.shape}")
+  kernel = np.asarray(kernel, np.float32)
+  if kernel.ndim != 1 or kernel.shape[0] % 2 != 1:
+    raise ValueError(f"kernel must be 1-D with an odd length, got shape "
+                     f"{kernel.shape}")
+  if padding == "valid" and min(x.shape[1], x.shape[2]) < kernel.shape[0]:
+    raise ValueError(f"'valid' padding needs H and W >= window size "
+                     f"{kernel.shape[0]}, got x of shape {x.shape}")
   if method == "auto":
     method = choose_method(x.shape)
   if method == "conv":
     return _blur_conv(x, kernel, padding)
+  if method == "matmul":
+    return _blur_matmul(x, kernel, padding)
+  if method == "slices":
+    return _blur_slices(x, tuple(float(t) for t in kernel), padding)
   raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
