@@ -9,6 +9,8 @@ formulas and the mask modes.
 
 import importlib.util as _importlib_util
 
+from ssim_jax.ms_ssim import ms_ssim
+from ssim_jax.ms_ssim import ms_ssim_loss
 from ssim_jax.ssim import SSIMSums
 from ssim_jax.ssim import l1_ssim_loss
 from ssim_jax.ssim import loss_from_sums
@@ -23,6 +25,8 @@ __all__ = (
     "SSIMSums",
     "l1_ssim_loss",
     "loss_from_sums",
+    "ms_ssim",
+    "ms_ssim_loss",
     "ssim",
     "ssim_loss",
     "ssim_map",

@@ -1,0 +1,296 @@
+"""Multi-scale SSIM (Wang, Simoncelli & Bovik 2003), with mask support.
+
+    MS-SSIM = prod_{l < L-1} relu(cs_l)^{w_l} * relu(ssim_{L-1})^{w_{L-1}}
+
+per image and channel, then averaged over channels (weighted by each
+channel's mask mass; a plain mean without a mask). Between levels both
+images (and the mask) are 2x2 average-pooled; an odd side is zero-padded by
+one pixel first, exactly like pytorch-msssim's `avg_pool2d(padding=s % 2)`,
+whose values this module reproduces (golden fixture in tests/fixtures).
+
+`relu` keeps negative contrast-structure at coarse scales from producing
+NaN in a fractional power (anti-correlated inputs); the power itself is made
+gradient-safe below `_POW_EPS` (see `_safe_pow`).
+
+In "foreground" mask mode the pyramid is mask-weighted too (pooled
+`m x / m`), so masked-out pixels cannot reach coarser levels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssim_jax import checks
+from ssim_jax import filters
+from ssim_jax import stats as stats_lib
+from ssim_jax.ssim import _align
+from ssim_jax.ssim import _setup
+from ssim_jax.ssim import _ssim_from_stats
+from ssim_jax.ssim import safe_ratio
+
+# Wang et al. 2003, the five standard scale weights.
+DEFAULT_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+# Below this value, v**w continues linearly to 0 (same value and a finite
+# slope eps**(w-1) at the joint), so the gradient stays finite as cs -> 0+.
+_POW_EPS = 1e-6
+
+
+def _safe_pow(v: jax.Array, w: float) -> jax.Array:
+  """relu(v)**w with a finite gradient everywhere (v float32, w >= 0)."""
+  v = jnp.maximum(v, 0.0)
+  if w == 0.0:
+    return jnp.ones_like(v)
+  big = v > _POW_EPS
+  power = jnp.where(big, v, 1.0) ** w
+  linear = v * (_POW_EPS ** (w - 1.0))
+  return jnp.where(big, power, linear)
+
+
+def _check_levels(levels: Any, weights: Any) -> tuple[float, ...]:
+  """Validates `levels` / `weights` and returns the per-level weights."""
+  if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
+    raise TypeError(f"levels must be an int, got {levels!r}")
+  if levels < 1:
+    raise ValueError(f"levels must be >= 1, got {levels}")
+  if weights is None:
+    if levels > len(DEFAULT_WEIGHTS):
+      raise ValueError(
+          f"levels={levels} needs explicit weights (the standard weights "
+          f"cover {len(DEFAULT_WEIGHTS)} levels)")
+    if levels == len(DEFAULT_WEIGHTS):
+      # As published (they sum to 1.0001); pytorch-msssim and tf agree.
+      return DEFAULT_WEIGHTS
+    # Fewer levels: the first `levels` standard weights, renormalised to 1.
+    w = np.asarray(DEFAULT_WEIGHTS[:levels], np.float64)
+    return tuple(float(v) for v in w / w.sum())
+  if isinstance(weights, jax.core.Tracer):
+    raise TypeError("weights must be concrete (Python floats), not traced")
+  try:
+    w = np.asarray(weights, np.float64).reshape(-1)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"weights must be a sequence of floats, got "
+                    f"{weights!r}") from e
+  if w.shape[0] != levels:
+    raise ValueError(
+        f"weights must have one entry per level ({levels}), got {w.shape[0]}")
+  if not np.all(np.isfinite(w)) or np.any(w < 0):
+    raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
+  return tuple(float(v) for v in w)
+
+
+def min_size(levels: int, window_size: int) -> int:
+  """Smallest image side for `levels` scales with a `window_size` window.
+
+  The coarsest level (side ceil(S / 2^(levels-1))) must hold one window.
+  """
+  return (window_size - 1) * 2 ** (levels - 1) + 1
+
+
+def _fitting_settings(side: int, window_size: int, levels: int) -> str:
+  max_levels = 0
+  while max_levels < 8 and side >= min_size(max_levels + 1, window_size):
+    max_levels += 1
+  max_window = 0
+  for k in range(window_size, 2, -2):
+    if side >= min_size(levels, k):
+      max_window = k
+      break
+  parts = []
+  if max_levels >= 1:
+    parts.append(f"levels={max_levels} with window_size={window_size}")
+  if max_window:
+    parts.append(f"window_size={max_window} with levels={levels}")
+  return " or ".join(parts) if parts else "no setting (image too small)"
+
+
+def _pool(a: jax.Array) -> jax.Array:
+  """2x2 average pooling; odd sides padded by one leading zero (count 4)."""
+  _, h, w, _ = a.shape
+  a = jnp.pad(a, ((0, 0), (h % 2, 0), (w % 2, 0), (0, 0)))
+  b, h, w, c = a.shape
+  return a.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
+                  foreground):
+  """Per image and channel weighted means of the cs and SSIM maps, [B, C]."""
+  if foreground:
+    st, local_mass = stats_lib.masked_local_stats(
+        x, y, mask, kernel=kernel, padding=padding,
+        filter_method=filter_method)
+  else:
+    st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
+                               filter_method=filter_method)
+  luminance, cs = _ssim_from_stats(st, c1, c2)
+  if mask is None:
+    weights = jnp.ones_like(cs)
+  else:
+    weights = jnp.broadcast_to(_align(mask, kernel, padding), cs.shape)
+    if foreground:
+      weights = jnp.where(local_mass > 0, weights, 0.0)
+  mass = jnp.sum(weights, axis=(1, 2))
+  cs_mean = safe_ratio(jnp.sum(weights * cs, axis=(1, 2)), mass)
+  ssim_mean = safe_ratio(jnp.sum(weights * luminance * cs, axis=(1, 2)),
+                         mass)
+  return cs_mean, ssim_mean, mass
+
+
+def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
+                   mask, mask_mode, filter_method, levels, weights):
+  """Validated MS-SSIM: (per-image value [B], per-image mass [B], batched)."""
+  level_weights = _check_levels(levels, weights)
+  levels = len(level_weights)
+  s = _setup(x, y, data_range=data_range, window_size=window_size,
+             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+             mask_mode=mask_mode, filter_method=filter_method)
+  ws, _ = checks.check_window(window_size, sigma)
+  _, h, w, _ = s.x.shape
+  side = min(h, w)
+  if side < min_size(levels, ws):
+    raise ValueError(
+        f"x images of {h}x{w} are too small for MS-SSIM with levels={levels} "
+        f"and window_size={ws}: the minimum side is {min_size(levels, ws)}; "
+        f"use {_fitting_settings(side, ws, levels)}")
+  # The window does not shrink in MS-SSIM: every level uses the same window.
+  kernel = filters.gaussian_kernel(ws, sigma)
+  foreground = s.mask is not None and s.mask_mode == "foreground"
+  xs, ys, ms = s.x, s.y, s.mask
+  if foreground:
+    inside = jnp.broadcast_to(ms, xs.shape) > 0
+    xs = jnp.where(inside, xs, 0.0)
+    ys = jnp.where(inside, ys, 0.0)
+  factors = []
+  mass0 = None
+  for level in range(levels):
+    cs_mean, ssim_mean, mass = _level_values(
+        xs, ys, ms, kernel=kernel, c1=s.c1, c2=s.c2, padding=s.padding,
+        filter_method=s.filter_method, foreground=foreground)
+    if level == 0:
+      mass0 = mass
+    last = level == levels - 1
+    factors.append(_safe_pow(ssim_mean if last else cs_mean,
+                             level_weights[level]))
+    if not last:
+      if foreground:
+        mb = jnp.broadcast_to(ms, xs.shape)
+        pm = _pool(mb)
+        xs = safe_ratio(_pool(mb * xs), pm)
+        ys = safe_ratio(_pool(mb * ys), pm)
+        ms = _pool(ms)
+      else:
+        xs, ys = _pool(xs), _pool(ys)
+        ms = None if ms is None else _pool(ms)
+  per_channel = factors[0]
+  for f in factors[1:]:
+    per_channel = per_channel * f
+  # Channels weighted by their level-0 mask mass (equal without a mask).
+  mass = jnp.sum(mass0, axis=-1)
+  value = safe_ratio(jnp.sum(mass0 * per_channel, axis=-1), mass)
+  chex.assert_shape([value, mass], (s.x.shape[0],))
+  return value, mass, s.batched
+
+
+def ms_ssim(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float | jax.Array = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "valid",
+    mask: jax.Array | None = None,
+    mask_mode: str = "weighted",
+    filter_method: str = "auto",
+    levels: int = 5,
+    weights: Sequence[float] | None = None,
+) -> jax.Array:
+  """Per-image MS-SSIM.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]`, float16/bfloat16/float32; the smaller
+      side must be >= (window_size - 1) * 2^(levels-1) + 1 (161 for the
+      defaults), else a ValueError names settings that fit.
+    y: same shape as `x`.
+    data_range: float or float array `[B]`.
+    window_size: odd window >= 3 (used unchanged at every level).
+    sigma: Gaussian standard deviation, pixels.
+    k1: luminance constant.
+    k2: contrast constant.
+    padding: "valid" or "same".
+    mask: optional non-negative weights `[B, H, W, 1|C]`, pooled with the
+      images at each level.
+    mask_mode: "weighted" or "foreground".
+    filter_method: blur lowering.
+    levels: number of scales; with `weights=None` and levels < 5 the first
+      `levels` standard weights are used, renormalised to sum to 1.
+    weights: optional per-level exponents (non-negative floats).
+
+  Returns:
+    float32 `[B]` in [0, 1] (scalar for `[H, W, C]` inputs); 0 with zero
+    gradient for an image with zero mask mass.
+
+  Example:
+    >>> ms_ssim(x, y, data_range=1.0)     # x, y: [B, 192, 192, 3]
+  """
+  value, _, batched = _ms_ssim_parts(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
+      filter_method=filter_method, levels=levels, weights=weights)
+  return value if batched else value[0]
+
+
+def ms_ssim_loss(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float | jax.Array = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "valid",
+    mask: jax.Array | None = None,
+    mask_mode: str = "weighted",
+    filter_method: str = "auto",
+    levels: int = 5,
+    weights: Sequence[float] | None = None,
+) -> jax.Array:
+  """Scalar `1 - MS-SSIM`, images weighted by their (level-0) mask mass.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]`, floating.
+    y: same shape as `x`.
+    data_range: float or float array `[B]`.
+    window_size: odd window >= 3.
+    sigma: Gaussian standard deviation, pixels.
+    k1: luminance constant.
+    k2: contrast constant.
+    padding: "valid" or "same".
+    mask: optional non-negative weights `[B, H, W, 1|C]`.
+    mask_mode: "weighted" or "foreground".
+    filter_method: blur lowering.
+    levels: number of scales.
+    weights: optional per-level exponents.
+
+  Returns:
+    float32 scalar in [0, 1]; 0 with zero gradient when the mask mass is 0.
+
+  Example:
+    >>> loss = ms_ssim_loss(pred, target)
+  """
+  value, mass, _ = _ms_ssim_parts(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
+      filter_method=filter_method, levels=levels, weights=weights)
+  total = jnp.sum(mass)
+  return jnp.where(total > 0,
+                   1.0 - safe_ratio(jnp.sum(mass * value), total), 0.0)
+
