@@ -528,6 +528,20 @@ def _chunk_losses(z, gt, w, valid, *, decode_fn, pixel_loss, ssim_kwargs):
   return parts, per_image
 
 
+def _zero_like_inputs(*arrays) -> jax.Array:
+  """float32 scalar 0 that varies over the same mapped axes as the inputs.
+
+  Inside `jax.shard_map` both `cond` branches and the scan carry must agree on
+  the mesh axes they vary over (the decode branch varies like its inputs);
+  `zeros_like` keeps that type without reading the data.
+  """
+  zero = jnp.zeros((), jnp.float32)
+  for a in arrays:
+    if a is not None:
+      zero = zero + jnp.zeros_like(a, dtype=jnp.float32, shape=())
+  return zero
+
+
 def _chunked(z, gt, w, valid, *, decode_fn, chunk_size, remat, pixel_loss,
              ssim_kwargs):
   """Sorted, chunked, rematerialised, skip-if-zero losses of one size group.
@@ -558,13 +572,8 @@ def _chunked(z, gt, w, valid, *, decode_fn, chunk_size, remat, pixel_loss,
   if remat:
     body = jax.checkpoint(body)
 
-  def zero_like_inputs(*arrays):
-    # zeros_like keeps the shard_map varying-axes (vma) type of its argument: the
-    # skip branch and the scan carry must match the decoded branch's type.
-    return jnp.zeros_like(sum(jnp.sum(a, dtype=jnp.float32) for a in arrays if a is not None))
-
   def skip(zc, gc, wc, vc):
-    zero = zero_like_inputs(zc, gc, wc, vc)
+    zero = _zero_like_inputs(zc, gc, wc, vc)
     return _Partials(zero, zero, zero, zero), jnp.broadcast_to(zero, (chunk,))
 
   def step(carry, chunk_xs):
@@ -574,7 +583,7 @@ def _chunked(z, gt, w, valid, *, decode_fn, chunk_size, remat, pixel_loss,
     carry = _Partials(*(a + b for a, b in zip(carry, parts)))
     return carry, (per_image, jnp.broadcast_to(run, (chunk,)))
 
-  zero = zero_like_inputs(*xs)
+  zero = _zero_like_inputs(*xs)
   parts, (per_image, decoded) = jax.lax.scan(
       step, _Partials(zero, zero, zero, zero), xs)
   per_image = per_image.reshape(total)[:n][inverse]

@@ -1,0 +1,489 @@
+"""Tests of ssim_jax.flow: conventions, patches, packing, decoded losses."""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+import ssim_jax
+from ssim_jax import flow
+
+F = 4          # decoder upsampling factor (latent -> pixels)
+C_LAT = 3      # latent channels
+WIN = 5        # SSIM window used throughout (small images)
+
+
+def _key(i):
+  return jax.random.PRNGKey(i)
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def make_conv_decoder(seed=0, c_lat=C_LAT):
+  """A tiny conv decoder: conv3x3 -> tanh -> nearest x4 -> conv3x3 -> tanh.
+
+  Its receptive field crosses latent borders, so decoding a padded latent
+  differs from decoding the image alone near the border.
+  """
+  k1, k2 = jax.random.split(_key(100 + seed))
+  params = dict(w1=jax.random.normal(k1, (3, 3, c_lat, 8)) * 0.4,
+                w2=jax.random.normal(k2, (3, 3, 8, 3)) * 0.3)
+
+  def decode(p, z):
+    h = jnp.tanh(_conv(z, p["w1"]))
+    h = jnp.repeat(jnp.repeat(h, F, axis=1), F, axis=2)
+    return jnp.tanh(_conv(h, p["w2"]))
+  return params, decode
+
+
+def make_local_decoder(seed=0, c_lat=C_LAT):
+  """A per-latent-pixel decoder (linear -> tanh -> depth-to-space x4)."""
+  params = dict(w=jax.random.normal(_key(200 + seed), (c_lat, F * F * 3)) * 0.5)
+
+  def decode(p, z):
+    y = jnp.tanh(z @ p["w"])
+    n, h, w, _ = y.shape
+    y = y.reshape(n, h, w, F, F, 3).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(n, h * F, w * F, 3)
+  return params, decode
+
+
+def _images(n, h, w, seed=1):
+  return jnp.tanh(jax.random.normal(_key(seed), (n, h, w, 3)))
+
+
+# ----------------------------------------------------------------------------
+# Conventions.
+
+
+def test_timestep_weight_values_and_errors():
+  t = jnp.array([0.0, 0.15, 0.3, 0.9, -0.1])
+  np.testing.assert_allclose(flow.timestep_weight(t, max_t=0.3),
+                             [1.0, 0.5, 0.0, 0.0, 1.0], atol=1e-6)
+  for bad in (0.0, -0.3, float("nan")):
+    with pytest.raises(ValueError, match="max_t"):
+      flow.timestep_weight(t, max_t=bad)
+  with pytest.raises(TypeError, match="max_t"):
+    flow.timestep_weight(t, max_t="0.3")
+
+
+def test_interpolate_velocity_and_exact_reconstruction():
+  z0 = jax.random.normal(_key(0), (3, 4, 4, 2))
+  noise = jax.random.normal(_key(1), (3, 4, 4, 2))
+  t = jnp.array([0.0, 0.37, 1.0])
+  x_t = flow.interpolate(z0, noise, t)
+  np.testing.assert_allclose(x_t[1], 0.63 * z0[1] + 0.37 * noise[1], rtol=1e-6)
+  np.testing.assert_array_equal(x_t[0], z0[0])
+  np.testing.assert_array_equal(x_t[2], noise[2])
+  v = flow.velocity_target(z0, noise)
+  # The (z0, noise) form is bitwise exact when v_pred == v.
+  exact = flow.reconstruct_z0(x_t, v, t, z0=z0, noise=noise)
+  np.testing.assert_array_equal(exact, z0)
+  # The x_t form agrees up to rounding.
+  np.testing.assert_allclose(flow.reconstruct_z0(x_t, v, t), z0, atol=1e-5)
+  # Same gradient w.r.t. v_pred in both forms (d z0_pred / d v_pred = -t).
+  g1 = jax.grad(lambda vp: flow.reconstruct_z0(x_t, vp, t).sum())(v)
+  g2 = jax.grad(lambda vp: flow.reconstruct_z0(x_t, vp, t, z0=z0, noise=noise
+                                               ).sum())(v)
+  np.testing.assert_allclose(g1, g2, atol=1e-7)
+  np.testing.assert_allclose(g1[1], -0.37 * np.ones((4, 4, 2)), rtol=1e-6)
+
+
+def test_reconstruct_keeps_clean_latent_where_unsupervised():
+  z0 = jax.random.normal(_key(0), (3, 4, 4, 2))
+  x_t = jax.random.normal(_key(1), (3, 4, 4, 2))
+  v_pred = jax.random.normal(_key(2), (3, 4, 4, 2))
+  t = jnp.array([0.0, 0.5, 0.5])
+  sup = jnp.array([True, True, False])
+  out = flow.reconstruct_z0(x_t, v_pred, t, z0=z0, supervised=sup)
+  np.testing.assert_array_equal(out[0], z0[0])   # t == 0
+  np.testing.assert_array_equal(out[2], z0[2])   # not supervised
+  np.testing.assert_allclose(out[1], x_t[1] - 0.5 * v_pred[1], rtol=1e-6)
+  # Per-token t over a packed sequence [T, D] works the same way.
+  tok_t = jnp.array([0.0, 0.2, 0.2])
+  tok = flow.reconstruct_z0(x_t[:, 0, 0], v_pred[:, 0, 0], tok_t, z0=z0[:, 0, 0])
+  np.testing.assert_array_equal(tok[0], z0[0, 0, 0])
+
+
+# ----------------------------------------------------------------------------
+# Patches and packing.
+
+
+@hypothesis.given(h=st.integers(1, 3), w=st.integers(1, 3), p=st.integers(1, 3),
+                  c=st.integers(1, 4), lead=st.integers(0, 2))
+def test_patchify_roundtrip(h, w, p, c, lead):
+  shape = (2,) * lead + (h * p, w * p, c)
+  z = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  tok = flow.patchify(z, patch_size=p)
+  assert tok.shape == (2,) * lead + (h * w, p * p * c)
+  np.testing.assert_array_equal(
+      flow.unpatchify(tok, grid_hw=(h, w), patch_size=p), z)
+  np.testing.assert_array_equal(
+      flow.patchify(flow.unpatchify(tok, grid_hw=(h, w), patch_size=p),
+                    patch_size=p), tok)
+
+
+def test_unpatchify_matches_seed_einsum():
+  # The seed: tok.view(h, w, p, p, c); einsum("hwpqc->chpwq").reshape(c, h*p, w*p)
+  h, w, p, c = 2, 3, 2, 4
+  tok = np.random.default_rng(0).normal(size=(h * w, p * p * c)).astype(np.float32)
+  seed = np.einsum("hwpqc->chpwq", tok.reshape(h, w, p, p, c)).reshape(c, h * p, w * p)
+  ours = flow.unpatchify(jnp.asarray(tok), grid_hw=(h, w), patch_size=p)
+  np.testing.assert_array_equal(ours, np.moveaxis(seed, 0, -1))
+
+
+def test_patch_errors():
+  with pytest.raises(ValueError, match="patch_size"):
+    flow.patchify(jnp.zeros((5, 4, 2)), patch_size=2)
+  with pytest.raises(ValueError, match="grid_hw"):
+    flow.unpatchify(jnp.zeros((6, 8)), grid_hw=(2, 2), patch_size=2)
+  with pytest.raises(ValueError, match="latent_hw_list"):
+    flow.PackedLayout.from_sizes([(4, 4), (3, 4)], 2)
+  with pytest.raises(TypeError, match="patch_size"):
+    flow.PackedLayout.from_sizes([(4, 4)], 2.0)
+
+
+def test_packed_layout_roundtrip_every_image():
+  layout = flow.PackedLayout.from_sizes([(4, 6), (8, 8), (2, 2), (4, 6)], 2)
+  assert hash(layout) == hash(flow.PackedLayout.from_sizes(
+      [[4, 6], [8, 8], [2, 2], [4, 6]], 2))
+  lat = [jax.random.normal(_key(i), hw + (C_LAT,))
+         for i, hw in enumerate(layout.latent_hw)]
+  tokens = flow.pack(lat, layout)
+  assert tokens.shape == (layout.num_tokens, 4 * C_LAT)
+  assert layout.num_tokens == 6 + 16 + 1 + 6
+  padded, mask = jax.jit(flow.unpack, static_argnums=1)(tokens, layout)
+  assert padded.shape == (4, 8, 8, C_LAT) and mask.shape == (4, 8, 8, 1)
+  for i, (h, w) in enumerate(layout.latent_hw):
+    np.testing.assert_array_equal(padded[i, :h, :w], lat[i])
+    np.testing.assert_array_equal(mask[i, :h, :w], 1.0)
+    outside = np.asarray(mask[i, ..., 0]) == 0
+    np.testing.assert_array_equal(np.asarray(padded[i])[outside], 0.0)
+    assert float(mask[i].sum()) == h * w
+  np.testing.assert_array_equal(flow.pack_padded(padded, layout), tokens)
+  # Per-image values from the first token, and back to tokens.
+  t_img = jnp.array([0.1, 0.2, 0.3, 0.4])
+  t_tok = flow.token_values(t_img, layout)
+  assert t_tok.shape == (layout.num_tokens,)
+  np.testing.assert_array_equal(flow.image_values(t_tok, layout), t_img)
+  np.testing.assert_array_equal(layout.mask(downsample=F)[1], 1.0)
+  assert layout.mask(downsample=F)[2].sum() == 2 * 2 * F * F
+
+
+# ----------------------------------------------------------------------------
+# Decoded losses.
+
+
+def _reference_loss(latents, images, weights, decode, *, padding="valid",
+                    pixel_loss="l1"):
+  """Image by image, no chunking: decode each alone, weighted sums by hand."""
+  num = mass = pnum = pmass = 0.0
+  for z, x, w in zip(latents, images, weights):
+    pred = decode(z[None])[0]
+    s = ssim_jax.ssim_sums(pred * 0.5 + 0.5, x * 0.5 + 0.5, window_size=WIN,
+                           padding=padding)
+    num = num + w * s.weighted_sum
+    mass = mass + w * s.mass
+    d = pred - x
+    per = jnp.abs(d) if pixel_loss == "l1" else jnp.square(d)
+    pnum = pnum + w * jnp.sum(per)
+    pmass = pmass + w * per.size
+  return 1.0 - num / mass, pnum / pmass
+
+
+def test_perfect_velocity_gives_ssim_of_decoded_z0():
+  params, decode = make_conv_decoder()
+  n = 5
+  z0 = jax.random.normal(_key(0), (n, 4, 4, C_LAT))
+  noise = jax.random.normal(_key(1), (n, 4, 4, C_LAT))
+  t = jnp.array([0.05, 0.1, 0.2, 0.5, 0.0])
+  images = _images(n, 16, 16)
+  x_t = flow.interpolate(z0, noise, t)
+  v = flow.velocity_target(z0, noise)
+  w = flow.timestep_weight(t, max_t=0.3)
+
+  @jax.jit
+  def run(params, x_t, v_pred):
+    z0_pred = flow.reconstruct_z0(x_t, v_pred, t, z0=z0, noise=noise)
+    return z0_pred, flow.decoded_losses(z0_pred, images, w,
+                                        functools.partial(decode, params),
+                                        window_size=WIN)
+  z0_pred, out = run(params, x_t, v)
+  np.testing.assert_array_equal(z0_pred, z0)
+  dec = decode(params, z0)
+  per = ssim_jax.ssim(dec * 0.5 + 0.5, images * 0.5 + 0.5, window_size=WIN)
+  expect = 1.0 - jnp.sum(w * per) / jnp.sum(w)   # equal map sizes per image
+  np.testing.assert_allclose(out.ssim, expect, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.per_image_ssim[w > 0], per[w > 0], rtol=1e-5,
+                             atol=1e-6)
+  pix = jnp.sum(w * jnp.mean(jnp.abs(dec - images), axis=(1, 2, 3))) / jnp.sum(w)
+  np.testing.assert_allclose(out.pixel, pix, rtol=1e-5)
+  np.testing.assert_allclose(out.weight_mass, jnp.sum(w), rtol=1e-6)
+  np.testing.assert_array_equal(out.decoded, np.asarray(w) > 0)
+
+
+@pytest.mark.parametrize("chunk_size,remat,pixel_loss", [
+    (1, True, "l1"), (2, True, "l2"), (4, False, "l1"), (6, True, "l2")])
+def test_chunking_and_remat_do_not_change_loss_or_grads(chunk_size, remat,
+                                                        pixel_loss):
+  params, decode = make_conv_decoder()
+  n = 6
+  z = jax.random.normal(_key(0), (n, 4, 4, C_LAT))
+  images = _images(n, 16, 16)
+  w = jnp.array([0.0, 0.7, 1.0, 0.0, 0.2, 0.5])
+
+  def loss(z, params, **kw):
+    out = flow.decoded_losses(z, images, w, functools.partial(decode, params),
+                              window_size=WIN, pixel_loss=pixel_loss, **kw)
+    return out.ssim + 0.5 * out.pixel, out
+
+  ref_s, ref_p = _reference_loss(z, images, w, functools.partial(decode, params),
+                                 pixel_loss=pixel_loss)
+  f = jax.jit(jax.value_and_grad(
+      functools.partial(loss, chunk_size=chunk_size, remat=remat),
+      argnums=(0, 1), has_aux=True))
+  (val, out), grads = f(z, params)
+  np.testing.assert_allclose(out.ssim, ref_s, rtol=1e-5)
+  np.testing.assert_allclose(out.pixel, ref_p, rtol=1e-5)
+  def ref(z, p):
+    s, px = _reference_loss(z, images, w, functools.partial(decode, p),
+                            pixel_loss=pixel_loss)
+    return s + 0.5 * px
+  ref_grads = jax.jit(jax.grad(ref, argnums=(0, 1)))(z, params)
+  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6)
+  jax.tree.map(chex_close, grads, ref_grads)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  # Zero-weight images get exactly zero gradient.
+  np.testing.assert_array_equal(grads[0][np.asarray(w) == 0], 0.0)
+
+
+def test_zero_weight_images_do_not_affect_loss_or_grads():
+  params, decode = make_conv_decoder()
+  n = 5
+  z = jax.random.normal(_key(0), (n, 4, 4, C_LAT))
+  images = _images(n, 16, 16)
+  # Sorted by weight, chunks of 2: {3, 4}, {1, 0}, {2, filler}: image 0
+  # (weight 0) is decoded next to a positive one, image 2 is skipped.
+  w = jnp.array([0.0, 0.3, 0.0, 1.0, 0.6])
+
+  @jax.jit
+  def f(z, images, params):
+    def loss(z, params):
+      out = flow.decoded_losses(z, images, w, functools.partial(decode, params),
+                                window_size=WIN, chunk_size=2)
+      return out.ssim + out.pixel
+    return jax.value_and_grad(loss, argnums=(0, 1))(z, params)
+
+  v1, (gz1, gp1) = f(z, images, params)
+  zero = np.asarray(w) == 0
+  z2 = jnp.where(zero[:, None, None, None], 5.0 * z[::-1], z)
+  images2 = jnp.where(zero[:, None, None, None], -images, images)
+  v2, (gz2, gp2) = f(z2, images2, params)
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+               (gz1, gp1), (gz2, gp2))
+  np.testing.assert_array_equal(gz1[zero], 0.0)
+
+
+def test_zero_weight_chunks_are_not_decoded():
+  # NaN latents in an all-zero-weight chunk never reach the decoder: the loss
+  # and gradients stay finite (a select would give NaN gradients).
+  params, decode = make_conv_decoder()
+  z = jax.random.normal(_key(0), (4, 4, 4, C_LAT))
+  z = z.at[1].set(jnp.nan).at[3].set(jnp.nan)
+  images = _images(4, 16, 16)
+  w = jnp.array([1.0, 0.0, 0.4, 0.0])
+
+  @jax.jit
+  def f(z, params):
+    def loss(z, params):
+      out = flow.decoded_losses(z, images, w, functools.partial(decode, params),
+                                window_size=WIN, chunk_size=2)
+      return out.ssim + out.pixel, out
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(z, params)
+
+  (val, out), grads = f(z, params)
+  assert np.isfinite(val)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  np.testing.assert_array_equal(out.decoded, [True, False, True, False])
+  # ... whereas NaN in a decoded chunk is NOT hidden.
+  (val_nan, _), _ = f(z.at[0].set(jnp.nan), params)
+  assert np.isnan(val_nan)
+
+
+def test_all_zero_weights_give_zero_loss_and_grads():
+  params, decode = make_conv_decoder()
+  z = jax.random.normal(_key(0), (3, 4, 4, C_LAT))
+  images = _images(3, 16, 16)
+  w = jnp.zeros((3,))
+  loss = lambda z: sum(flow.decoded_losses(
+      z, images, w, functools.partial(decode, params), window_size=WIN)[:2])
+  val, g = jax.jit(jax.value_and_grad(loss))(z)  # noqa: E731
+  assert float(val) == 0.0
+  np.testing.assert_array_equal(g, 0.0)
+
+
+def _packed_problem(decoder):
+  layout = flow.PackedLayout.from_sizes([(4, 6), (6, 4), (4, 6), (6, 6), (2, 4)], 2)
+  params, decode = decoder()
+  lat = [jax.random.normal(_key(i), hw + (C_LAT,))
+         for i, hw in enumerate(layout.latent_hw)]
+  tokens = flow.pack(lat, layout)
+  hm, wm = layout.max_hw
+  gts = [_images(1, h * F, w * F, seed=10 + i)[0]
+         for i, (h, w) in enumerate(layout.latent_hw)]
+  images = jnp.zeros((layout.num_images, hm * F, wm * F, 3))
+  for i, g in enumerate(gts):
+    images = images.at[i, :g.shape[0], :g.shape[1]].set(g)
+  w = jnp.array([0.8, 0.0, 1.0, 0.3, 0.5])
+  return layout, params, decode, tokens, images, gts, w
+
+
+@pytest.mark.parametrize("mode", ["layout", "mask_valid", "mask_same"])
+def test_packed_mixed_sizes_equal_image_by_image(mode):
+  # With `layout` any decoder (here a conv one) is exact; with a validity mask
+  # the padded latent enters the decoder, so a per-pixel decoder is used.
+  decoder = make_conv_decoder if mode == "layout" else make_local_decoder
+  layout, params, decode, tokens, images, gts, w = _packed_problem(decoder)
+  padding = "same" if mode == "mask_same" else "valid"
+
+  def packed_loss(tokens, params):
+    latents, _ = flow.unpack(tokens, layout)
+    kw = (dict(layout=layout) if mode == "layout" else
+          dict(valid_mask=jnp.asarray(layout.mask(downsample=F))))
+    out = flow.decoded_losses(latents, images, w, functools.partial(decode, params),
+                              window_size=WIN, padding=padding, chunk_size=2, **kw)
+    return out.ssim + out.pixel, out
+
+  def split(tokens):
+    lat, _ = flow.unpack(tokens, layout)
+    return [lat[i, :h, :ww] for i, (h, ww) in enumerate(layout.latent_hw)]
+
+  def ref_loss(tokens, params):
+    s, p = _reference_loss(split(tokens), gts, w, functools.partial(decode, params),
+                           padding=padding)
+    return s + p, (s, p)
+
+  (val, out), grads = jax.jit(jax.value_and_grad(
+      packed_loss, argnums=(0, 1), has_aux=True))(tokens, params)
+  (rval, (rs, rp)), rgrads = jax.jit(jax.value_and_grad(
+      ref_loss, argnums=(0, 1), has_aux=True))(tokens, params)
+  np.testing.assert_allclose(out.ssim, rs, rtol=1e-5)
+  np.testing.assert_allclose(out.pixel, rp, rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+               grads, rgrads)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  # Padding never gets a gradient: the weight-0 image's tokens neither.
+  start, count = layout.starts[1], layout.tokens_per_image[1]
+  np.testing.assert_array_equal(grads[0][start:start + count], 0.0)
+
+
+def test_padded_latents_without_layout_leak_through_conv_decoder():
+  # Documents why `layout=` exists: a conv decoder sees the zero padding.
+  layout, params, decode, tokens, images, gts, w = _packed_problem(make_conv_decoder)
+  latents, _ = flow.unpack(tokens, layout)
+  dec = functools.partial(decode, params)
+  masked, exact, ref = jax.jit(lambda latents: (
+      flow.decoded_losses(latents, images, w, dec, window_size=WIN,
+                          valid_mask=jnp.asarray(layout.mask(downsample=F))),
+      flow.decoded_losses(latents, images, w, dec, window_size=WIN,
+                          layout=layout),
+      _reference_loss([latents[i, :h, :ww] for i, (h, ww)
+                       in enumerate(layout.latent_hw)], gts, w, dec)[0]))(latents)
+  np.testing.assert_allclose(exact.ssim, ref, rtol=1e-5)
+  assert abs(float(masked.ssim) - float(ref)) > 1e-6
+
+
+def test_latent_resolution_mask_is_upsampled():
+  layout, params, decode, tokens, images, gts, w = _packed_problem(make_local_decoder)
+  latents, lat_mask = flow.unpack(tokens, layout)
+  dec = functools.partial(decode, params)
+  a, b = jax.jit(lambda latents, lat_mask: (
+      flow.decoded_losses(latents, images, w, dec, window_size=WIN,
+                          valid_mask=lat_mask),
+      flow.decoded_losses(latents, images, w, dec, window_size=WIN,
+                          valid_mask=jnp.asarray(layout.mask(downsample=F)))))(
+                              latents, lat_mask)
+  np.testing.assert_allclose(a.ssim, b.ssim, rtol=1e-6)
+  np.testing.assert_allclose(a.pixel, b.pixel, rtol=1e-6)
+
+
+def test_multi_device_equals_single_device():
+  n_dev = 4
+  mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:n_dev])
+  params, decode = make_conv_decoder()
+  n = 8
+  z = jax.random.normal(_key(0), (n, 4, 4, C_LAT))
+  images = _images(n, 16, 16)
+  w = jnp.array([0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.2, 0.9])
+
+  def local(z, images, w, params, axis_name=None):
+    out = flow.decoded_losses(z, images, w, functools.partial(decode, params),
+                              window_size=WIN, axis_name=axis_name)
+    return jnp.stack([out.ssim, out.pixel, out.weight_mass])
+
+  sharded = jax.jit(jax.shard_map(
+      functools.partial(local, axis_name="data"), mesh=mesh,
+      in_specs=(P("data"), P("data"), P("data"), P()), out_specs=P()))
+  np.testing.assert_allclose(sharded(z, images, w, params),
+                             jax.jit(local)(z, images, w, params), rtol=1e-5)
+
+
+def test_debug_print_only_traced_when_enabled(monkeypatch, capfd):
+  params, decode = make_local_decoder()
+  z = jax.random.normal(_key(0), (2, 4, 4, C_LAT))
+  images = _images(2, 16, 16)
+  w = jnp.array([0.5, 0.0])
+  t = jnp.array([0.15, 0.6])
+  # A fresh function per check: the variable is read at trace time and jax
+  # caches traces per function.
+  def make_f():
+    return lambda z: flow.decoded_losses(
+        z, images, w, functools.partial(decode, params), window_size=WIN, t=t,
+        chunk_size=1).ssim
+
+  def prints():
+    names = [e.primitive.name for e in jax.make_jaxpr(make_f())(z).jaxpr.eqns]
+    return [n for n in names if "debug" in n]
+
+  monkeypatch.delenv(flow.DEBUG_ENV, raising=False)
+  assert prints() == []
+  monkeypatch.setenv(flow.DEBUG_ENV, "1")
+  assert len(prints()) == 1
+  f = make_f()
+  jax.block_until_ready(jax.jit(f)(z))
+  jax.effects_barrier()
+  printed = capfd.readouterr().out
+  assert "image 0: t=0.1500 weight=0.5000" in printed
+  assert "image 1: t=0.6000 weight=0.0000 ssim=0.0000 decoded=False" in printed
+
+
+def test_decoded_losses_argument_errors():
+  params, decode = make_local_decoder()
+  dec = functools.partial(decode, params)
+  z = jnp.zeros((2, 4, 4, C_LAT))
+  images = jnp.zeros((2, 16, 16, 3))
+  w = jnp.ones((2,))
+  with pytest.raises(ValueError, match="chunk_size"):
+    flow.decoded_losses(z, images, w, dec, chunk_size=0)
+  with pytest.raises(ValueError, match="pixel_loss"):
+    flow.decoded_losses(z, images, w, dec, pixel_loss="l3")
+  with pytest.raises(ValueError, match="decode_fn returned shape"):
+    flow.decoded_losses(z, images[:, :8, :8], w, dec, window_size=WIN)
+  with pytest.raises(ValueError, match="valid_mask"):
+    flow.decoded_losses(z, images, w, dec, valid_mask=jnp.ones((2, 5, 5, 1)))
+  with pytest.raises(TypeError, match="layout"):
+    flow.decoded_losses(z, images, w, dec, layout=((4, 4), (4, 4)))
+  with pytest.raises(TypeError, match="data_range"):
+    flow.decoded_losses(z, images, w, dec, data_range=jnp.ones((2,)))
