@@ -182,7 +182,11 @@ def make_ssim_maps(path: str, *, size: int = 256) -> dict[str, float]:
 
 
 def copy_run_grid(workdir: str, path: str, *, max_width: int = 1000) -> str:
-  """Copies the newest eval grid of a trainer run (`WORKDIR/eval/*.png`) to `path`."""
+  """Copies the final (else newest) eval grid of a run (`WORKDIR/eval/*.png`) to `path`.
+
+  Grids wider than `max_width` are downscaled, narrow ones upscaled (nearest).
+  Returns the source path.
+  """
   pngs = sorted(glob.glob(os.path.join(workdir, "eval", "*.png")))
   if not pngs:
     raise FileNotFoundError(f"no PNG grid in {os.path.join(workdir, 'eval')}: run the trainer "
@@ -192,6 +196,10 @@ def copy_run_grid(workdir: str, path: str, *, max_width: int = 1000) -> str:
   img = Image.open(src).convert("RGB")
   if img.width > max_width:
     img = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
+  elif img.width < max_width // 2:
+    # Small crops: integer nearest-neighbour upscaling keeps the pixels honest.
+    f = (max_width // 2) // img.width + 1
+    img = img.resize((img.width * f, img.height * f), Image.NEAREST)
   img.save(path, optimize=True)
   return src
 
