@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.vae.enabled = True
   c.vae.channels = (32, 64, 64)
   c.vae.latent_channels = 4
+  c.vae.layers_per_block = 1  # ResNet blocks per encoder level (decoder: one more)
+  c.vae.mid_attention = True  # self-attention in the mid blocks (diffusers default)
+  c.vae.norm_groups = 32  # GroupNorm groups (capped to a divisor of each width)
   c.vae.steps = 2000
   c.vae.learning_rate = 1e-3
   c.vae.warmup_steps = 100

@@ -14,16 +14,18 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.batch_size = 16
-  c.vae.channels = (16, 32)
+  c.vae.channels = (16, 32, 32)  # 64x64 -> 16x16x4 latents
   c.vae.latent_channels = 4
-  c.vae.steps = 300
+  c.vae.mid_attention = False
+  c.vae.steps = 250
   c.vae.learning_rate = 2e-3
   c.vae.warmup_steps = 20
   c.dit.hidden_size = 64
   c.dit.depth = 2
   c.dit.num_heads = 4
   c.dit.mlp_ratio = 2
-  c.flow.steps = 400
+  c.flow.steps = 300
+  c.chunk_size = 4
   c.flow.learning_rate = 1e-3
   c.flow.warmup_steps = 20
   c.pixel_loss_weight = 0.5

@@ -14,6 +14,7 @@ def get_config():
   c.data.num_val = 4
   c.vae.channels = (4,)
   c.vae.latent_channels = 2
+  c.vae.mid_attention = False
   c.vae.steps = 4
   c.dit.hidden_size = 16
   c.dit.depth = 1

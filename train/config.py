@@ -125,6 +125,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
       or not all(isinstance(ch, int) and ch >= 1 for ch in chans)):
     _fail("vae.channels", f"must be a non-empty tuple of positive ints, got {chans!r}")
   _int(config, "vae.latent_channels", minimum=1)
+  _int(config, "vae.layers_per_block", minimum=1)
+  _int(config, "vae.norm_groups", minimum=1)
+  if not isinstance(_get(config, "vae.mid_attention"), bool):
+    _fail("vae.mid_attention", f"must be a bool, got {config.vae.mid_attention!r}")
   _int(config, "vae.steps", minimum=0)
   _float(config, "vae.learning_rate", strictly_positive=True)
   _int(config, "vae.warmup_steps", minimum=0)

@@ -91,9 +91,10 @@ def _init_split(make_model):
 
 def build_models(config):
   """`((vae graphdef, params, rest), (dit graphdef, params, rest))`, from config.seed."""
-  vae = _init_split(lambda: vae_lib.VAE(channels=tuple(config.vae.channels),
-                                        latent_channels=config.vae.latent_channels,
-                                        rngs=nnx.Rngs(config.seed)))
+  vae = _init_split(lambda: vae_lib.VAE(
+      channels=tuple(config.vae.channels), latent_channels=config.vae.latent_channels,
+      layers_per_block=config.vae.layers_per_block, norm_groups=config.vae.norm_groups,
+      mid_attention=config.vae.mid_attention, rngs=nnx.Rngs(config.seed)))
   dit = _init_split(lambda: dit_lib.DiT(
       latent_channels=config.vae.latent_channels, patch_size=config.dit.patch_size,
       hidden_size=config.dit.hidden_size, depth=config.dit.depth,

@@ -61,7 +61,7 @@ def test_two_processes_match_one_process(tmp_path):
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=300)[0])
+      outs.append(p.communicate(timeout=600)[0])
   finally:
     for p in procs:
       if p.poll() is None:
