@@ -100,4 +100,9 @@ def test_flow_loss_runs(kernel_env):
   decoded, total, zero_decoded = (int(g) for g in m.groups())
   assert decoded < total and zero_decoded == 0
   assert "zero-weight gradients all zero: True" in text
-  assert _num_images(nb) >= 4
+  # SSIM_LOSS_DEBUG=1 printed one line per image; the w = 0 ones were not decoded.
+  flags = re.findall(r"\[ssim_loss\] image \d+: t=[\d.]+ weight=([\d.]+) ssim=[-\d.]+ "
+                     r"decoded=(True|False)", text)
+  assert len(flags) == total, text
+  assert all((float(w) > 0) == (d == "True") for w, d in flags), flags
+  assert _num_images(nb) >= 2  # the stage-by-stage grid and w(t)
