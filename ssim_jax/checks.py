@@ -167,7 +167,25 @@ def check_constants(k1: Any, k2: Any) -> tuple[float, float]:
   return _check_positive_real(k1, "k1"), _check_positive_real(k2, "k2")
 
 
-def check_data_range(data_range: Any, batch: int) -> jax.Array:
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_constants_representable(values: np.ndarray,
+                                   ks: tuple[float, float]) -> None:
+  # C = (k L)^2 must be a normal, finite float32: C == 0 allows 0/0 on flat
+  # images and C == inf gives inf/inf; both would be NaN, not an error.
+  for k in ks:
+    c = (k * values.astype(np.float64)) ** 2
+    if np.any(c < _F32_TINY) or np.any(c > _F32_MAX):
+      raise ValueError(
+          f"data_range {values.tolist()} is absurd for k={k}: (k * "
+          f"data_range)^2 must be a normal float32 in [{_F32_TINY:.3g}, "
+          f"{_F32_MAX:.3g}]")
+
+
+def check_data_range(data_range: Any, batch: int, *,
+                     ks: tuple[float, float] = (0.01, 0.03)) -> jax.Array:
   """Validates `data_range` and broadcasts it to float32 `[B]`.
 
   Args:
@@ -175,6 +193,7 @@ def check_data_range(data_range: Any, batch: int) -> jax.Array:
       (per-image dynamic range). Array values are checked (> 0, finite) only
       when concrete; under `jit` they are the caller's contract.
     batch: B.
+    ks: `(k1, k2)`; `(k * data_range)^2` must be a normal, finite float32.
 
   Returns:
     float32 `[B]`.
@@ -182,6 +201,7 @@ def check_data_range(data_range: Any, batch: int) -> jax.Array:
   if isinstance(data_range, numbers.Real) and not isinstance(
       data_range, bool):
     value = _check_positive_real(data_range, "data_range")
+    _check_constants_representable(np.asarray([value]), ks)
     return jnp.full((batch,), value, jnp.float32)
   if isinstance(data_range, bool) or not isinstance(
       data_range, (jax.Array, np.ndarray)):
@@ -201,6 +221,7 @@ def check_data_range(data_range: Any, batch: int) -> jax.Array:
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
       raise ValueError(
           f"data_range must be finite and > 0 everywhere, got {values}")
+    _check_constants_representable(values.reshape(-1), ks)
   return jnp.broadcast_to(jnp.asarray(data_range, jnp.float32), (batch,))
 
 

@@ -82,7 +82,7 @@ def _setup(x, y, *, data_range, window_size, sigma, k1, k2, padding, mask,
   padding = checks.check_choice(padding, "padding", checks.PADDINGS)
   mask_mode = checks.check_choice(mask_mode, "mask_mode", checks.MASK_MODES)
   filter_method = checks.check_filter_method(filter_method)
-  dr = checks.check_data_range(data_range, b)
+  dr = checks.check_data_range(data_range, b, ks=(k1, k2))
   mask = checks.check_mask(mask, images.x.shape, batched=images.batched,
                            name=mask_name)
   k = checks.effective_window(window_size, h, w)

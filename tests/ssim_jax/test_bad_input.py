@@ -1,0 +1,214 @@
+"""Bad-input matrix: every public ssim_jax function x every kind of bad input.
+
+Each case either raises a clear error naming the argument (at trace time,
+without compiling anything) or returns the documented finite result. The
+counts are asserted at the bottom so the README can quote them.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssim_jax
+
+# Every public function that takes an image pair.
+FUNCTIONS = {
+    "ssim_map": ssim_jax.ssim_map,
+    "ssim": ssim_jax.ssim,
+    "ssim_sums": ssim_jax.ssim_sums,
+    "ssim_loss": ssim_jax.ssim_loss,
+    "ms_ssim": functools.partial(ssim_jax.ms_ssim, levels=2, window_size=3),
+    "ms_ssim_loss": functools.partial(ssim_jax.ms_ssim_loss, levels=2,
+                                      window_size=3),
+    "l1_ssim_loss": ssim_jax.l1_ssim_loss,
+}
+MASK_ARG = {name: ("weight_map" if name == "l1_ssim_loss" else "mask")
+            for name in FUNCTIONS}
+
+X = np.full((2, 12, 12, 3), 0.5, np.float32)
+
+
+def _x(shape=(2, 12, 12, 3), dtype=np.float32):
+  return np.full(shape, 1, dtype)
+
+
+# (case id, x, y, extra kwargs, expected exception, argument named in message)
+# "{mask}" in kwargs is replaced by the function's mask argument name.
+ERROR_CASES = [
+    ("x_rank2", _x((12, 12)), _x((12, 12)), {}, ValueError, "x"),
+    ("x_rank5", _x((1, 2, 12, 12, 3)), _x((1, 2, 12, 12, 3)), {}, ValueError,
+     "x"),
+    ("shape_mismatch", X, _x((2, 12, 13, 3)), {}, ValueError, "y"),
+    ("channel_mismatch", X, _x((2, 12, 12, 1)), {}, ValueError, "y"),
+    ("x_int", _x(dtype=np.int32), X, {}, TypeError, "x"),
+    ("x_uint8", _x(dtype=np.uint8), X, {}, TypeError, "x"),
+    ("y_int", X, _x(dtype=np.int64), {}, TypeError, "y"),
+    ("x_bool", _x(dtype=np.bool_), X, {}, TypeError, "x"),
+    ("x_complex", _x(dtype=np.complex64), X, {}, TypeError, "x"),
+    ("x_string", "image", X, {}, TypeError, "x"),
+    ("x_none", None, X, {}, TypeError, "x"),
+    ("image_1px", _x((2, 1, 1, 3)), _x((2, 1, 1, 3)), {}, ValueError, "x"),
+    ("image_2px", _x((2, 2, 12, 3)), _x((2, 2, 12, 3)), {}, ValueError, "x"),
+    ("image_2px_wide", _x((2, 12, 2, 3)), _x((2, 12, 2, 3)), {}, ValueError,
+     "x"),
+    ("zero_channels", _x((2, 12, 12, 0)), _x((2, 12, 12, 0)), {}, ValueError,
+     "x"),
+    ("window_even", X, X, {"window_size": 4}, ValueError, "window_size"),
+    ("window_1", X, X, {"window_size": 1}, ValueError, "window_size"),
+    ("window_negative", X, X, {"window_size": -3}, ValueError, "window_size"),
+    ("window_float", X, X, {"window_size": 7.0}, TypeError, "window_size"),
+    ("sigma_zero", X, X, {"sigma": 0.0}, ValueError, "sigma"),
+    ("sigma_negative", X, X, {"sigma": -1.5}, ValueError, "sigma"),
+    ("sigma_nan", X, X, {"sigma": float("nan")}, ValueError, "sigma"),
+    ("sigma_string", X, X, {"sigma": "1.5"}, TypeError, "sigma"),
+    ("k1_zero", X, X, {"k1": 0.0}, ValueError, "k1"),
+    ("k2_negative", X, X, {"k2": -0.03}, ValueError, "k2"),
+    ("data_range_zero", X, X, {"data_range": 0.0}, ValueError, "data_range"),
+    ("data_range_negative", X, X, {"data_range": -1.0}, ValueError,
+     "data_range"),
+    ("data_range_inf", X, X, {"data_range": float("inf")}, ValueError,
+     "data_range"),
+    ("data_range_nan", X, X, {"data_range": float("nan")}, ValueError,
+     "data_range"),
+    ("data_range_tiny", X, X, {"data_range": 1e-40}, ValueError,
+     "data_range"),
+    ("data_range_huge", X, X, {"data_range": 1e38}, ValueError, "data_range"),
+    ("data_range_bool", X, X, {"data_range": True}, TypeError, "data_range"),
+    ("data_range_wrong_shape", X, X,
+     {"data_range": np.ones((3,), np.float32)}, ValueError, "data_range"),
+    ("data_range_array_negative", X, X,
+     {"data_range": np.asarray([1.0, -1.0], np.float32)}, ValueError,
+     "data_range"),
+    ("data_range_complex", X, X,
+     {"data_range": np.ones((2,), np.complex64)}, TypeError, "data_range"),
+    ("padding_unknown", X, X, {"padding": "full"}, ValueError, "padding"),
+    ("padding_upper", X, X, {"padding": "VALID"}, ValueError, "padding"),
+    ("filter_method_unknown", X, X, {"filter_method": "fft?"}, ValueError,
+     "filter_method"),
+    ("mask_negative", X, X, {"{mask}": -np.ones((2, 12, 12, 1), np.float32)},
+     ValueError, "{mask}"),
+    ("mask_nan", X, X,
+     {"{mask}": np.full((2, 12, 12, 1), np.nan, np.float32)}, ValueError,
+     "{mask}"),
+    ("mask_rank3", X, X, {"{mask}": np.ones((12, 12, 1), np.float32)},
+     ValueError, "{mask}"),
+    ("mask_wrong_hw", X, X, {"{mask}": np.ones((2, 11, 12, 1), np.float32)},
+     ValueError, "{mask}"),
+    ("mask_wrong_channels", X, X,
+     {"{mask}": np.ones((2, 12, 12, 2), np.float32)}, ValueError, "{mask}"),
+    ("mask_wrong_batch", X, X, {"{mask}": np.ones((3, 12, 12, 1), np.float32)},
+     ValueError, "{mask}"),
+    ("mask_complex", X, X, {"{mask}": np.ones((2, 12, 12, 1), np.complex64)},
+     TypeError, "{mask}"),
+    ("mask_string", X, X, {"{mask}": "foreground"}, TypeError, "{mask}"),
+]
+
+# Options that only some functions take.
+SPECIFIC_ERROR_CASES = [
+    ("ssim_map", {"mask_mode": "fg"}, ValueError, "mask_mode"),
+    ("ssim", {"mask_mode": "fg"}, ValueError, "mask_mode"),
+    ("ssim_sums", {"mask_mode": None}, ValueError, "mask_mode"),
+    ("ssim_loss", {"mask_mode": "Weighted"}, ValueError, "mask_mode"),
+    ("ms_ssim", {"mask_mode": "fg"}, ValueError, "mask_mode"),
+    ("ms_ssim", {"levels": 0}, ValueError, "levels"),
+    ("ms_ssim", {"levels": 2.0}, TypeError, "levels"),
+    ("ms_ssim", {"weights": [0.5, 0.3, 0.2]}, ValueError, "weights"),
+    ("ms_ssim", {"weights": [0.5, -0.5]}, ValueError, "weights"),
+    ("ms_ssim", {"levels": 6}, ValueError, "levels"),
+    ("ms_ssim", {"levels": 4}, ValueError, "too small"),
+    ("ms_ssim_loss", {"window_size": 7}, ValueError, "too small"),
+    ("ms_ssim_loss", {"weights": [1.0, float("nan")]}, ValueError, "weights"),
+    ("l1_ssim_loss", {"ssim_weight": 1.5}, ValueError, "ssim_weight"),
+    ("l1_ssim_loss", {"ssim_weight": -0.1}, ValueError, "ssim_weight"),
+    ("l1_ssim_loss", {"ssim_weight": "0.2"}, TypeError, "ssim_weight"),
+]
+
+
+def _materialise(name, kwargs, arg):
+  mask_name = MASK_ARG[name]
+  kwargs = {k.replace("{mask}", mask_name): v for k, v in kwargs.items()}
+  return kwargs, arg.replace("{mask}", mask_name)
+
+
+@pytest.mark.parametrize("fn_name", list(FUNCTIONS))
+@pytest.mark.parametrize("case", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_error_names_argument(fn_name, case):
+  _, x, y, kwargs, exc, arg = case
+  kwargs, arg = _materialise(fn_name, kwargs, arg)
+  with pytest.raises(exc, match=arg):
+    # eval_shape: the error must come at trace time, before any compile.
+    jax.eval_shape(lambda: FUNCTIONS[fn_name](x, y, **kwargs))
+
+
+@pytest.mark.parametrize("case", SPECIFIC_ERROR_CASES,
+                         ids=[f"{c[0]}-{c[3]}" for c in SPECIFIC_ERROR_CASES])
+def test_specific_error_names_argument(case):
+  fn_name, kwargs, exc, arg = case
+  with pytest.raises(exc, match=arg):
+    jax.eval_shape(lambda: FUNCTIONS[fn_name](X, X, **kwargs))
+
+
+def test_errors_raised_under_jit_too():
+  for fn in FUNCTIONS.values():
+    with pytest.raises(ValueError, match="window_size"):
+      jax.jit(lambda a, b, fn=fn: fn(a, b, window_size=4))(X, X)
+    with pytest.raises(ValueError, match="mask|weight_map"):
+      jax.jit(lambda a, b, fn=fn: fn(a, b, **{
+          "weight_map" if fn is ssim_jax.l1_ssim_loss else "mask":
+              jnp.ones((2, 5, 12, 1))}))(X, X)
+
+
+def test_traced_negative_mask_is_not_checked_under_jit():
+  # Documented: values of a traced mask cannot be inspected without a host
+  # sync; the check only runs when the mask is concrete.
+  f = jax.jit(lambda m: ssim_jax.ssim(X, X, mask=m))
+  out = f(-jnp.ones((2, 12, 12, 1)))
+  assert out.shape == (2,)
+
+
+# Documented finite results (not errors). Compiled once each.
+def test_documented_results():
+  x = np.random.default_rng(0).uniform(0, 1, (2, 12, 12, 3)).astype(
+      np.float32)
+  y = np.random.default_rng(1).uniform(0, 1, (2, 12, 12, 3)).astype(
+      np.float32)
+  jit = jax.jit
+  # NaN / Inf images: the metric propagates NaN (the trainer skips the step).
+  nan_x = x.copy()
+  nan_x[0, 3, 3, 0] = np.nan
+  v = jit(ssim_jax.ssim)(nan_x, y)
+  assert np.isnan(v[0]) and np.isfinite(v[1])
+  assert np.isnan(jit(ssim_jax.ssim_loss)(nan_x, y))
+  inf_x = x.copy()
+  inf_x[1, 0, 0, 2] = np.inf
+  assert not np.isfinite(jit(ssim_jax.ssim)(inf_x, y)[1])
+  # Empty batch: empty per-image results, loss 0.
+  empty = np.zeros((0, 12, 12, 3), np.float32)
+  assert jit(ssim_jax.ssim)(empty, empty).shape == (0,)
+  assert float(jit(ssim_jax.ssim_loss)(empty, empty)) == 0.0
+  # Zero mask: per-image 0, loss 0 (gradients tested in test_ssim).
+  zero = np.zeros((2, 12, 12, 1), np.float32)
+  np.testing.assert_array_equal(
+      jit(lambda a, b: ssim_jax.ssim(a, b, mask=zero))(x, y), 0.0)
+  assert float(jit(lambda a, b: ssim_jax.l1_ssim_loss(
+      a, b, weight_map=zero))(x, y)) == 0.0
+  # Window larger than the image: shrinks (12 px -> 11 stays; 6 px -> 5).
+  small = x[:, :6]
+  assert jit(ssim_jax.ssim_map)(small, small).shape == (2, 2, 8, 3)
+  # Large but representable data_range: finite, close to 1 (constants dominate).
+  v = jit(lambda a, b: ssim_jax.ssim(a, b, data_range=1e15))(x, y)
+  assert np.all(np.isfinite(v)) and np.all(v > 0.99)
+  # Python lists are accepted as arrays.
+  out = jax.eval_shape(lambda: ssim_jax.ssim(x.tolist(), y.tolist()))
+  assert out.shape == (2,)
+
+
+def test_case_counts():
+  # Quoted in the README's reliability section.
+  n_matrix = len(ERROR_CASES) * len(FUNCTIONS)
+  assert (len(ERROR_CASES), len(FUNCTIONS)) == (46, 7)
+  assert n_matrix == 322
+  assert len(SPECIFIC_ERROR_CASES) == 16
