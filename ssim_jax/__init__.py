@@ -7,8 +7,6 @@ function is pure, differentiable and works under `jit`, `vmap`, `grad` and
 formulas and the mask modes.
 """
 
-import importlib.util as _importlib_util
-
 from ssim_jax.ms_ssim import ms_ssim
 from ssim_jax.ms_ssim import ms_ssim_loss
 from ssim_jax.ssim import SSIMSums
@@ -33,7 +31,6 @@ __all__ = (
     "ssim_sums",
 )
 
-# The flow-matching helpers live in a submodule written separately; import it
-# when present so `from ssim_jax import flow` and `ssim_jax.flow` both work.
-if _importlib_util.find_spec("ssim_jax.flow") is not None:
-  from ssim_jax import flow  # noqa: F401
+# Flow-matching helpers (timestep weights, z0 reconstruction, packing,
+# decoded losses) as a submodule: `ssim_jax.flow`.
+from ssim_jax import flow  # noqa: F401,E402
