@@ -73,11 +73,12 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   This is the one place where the choice is made; `blur(..., method="auto")`
   calls it at trace time. Users force a lowering with `method=`.
 
-  On CPU the shifted-slice sums win at every benchmarked shape (see
-  benchmarks/README.md): XLA's CPU depthwise convolution is several times
-  slower, and the banded matmul spends most FLOPs on zeros. Other backends
-  keep the reference convolution (cuDNN / TPU convolutions are fast there and
-  no GPU measurement exists yet).
+  On CPU the blocked banded matmul wins forward+backward at every benchmarked
+  SSIM shape (benchmarks/README.md): XLA's CPU depthwise convolution is
+  several times slower, and the shifted-slice sums, though fastest for a bare
+  forward blur, lose in the backward pass of a full SSIM. Other backends keep
+  the reference convolution (cuDNN / TPU convolutions are fast there and no
+  GPU measurement exists yet).
 
   Args:
     shape: `[B, H, W, C]` of the image to be blurred.
@@ -90,7 +91,7 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   if backend is None:
     backend = jax.default_backend()
   if backend == "cpu":
-    return "slices"
+    return "matmul"
   return "conv"
 
 
