@@ -1,0 +1,121 @@
+"""Tests of ssim_jax.stats: accuracy, clamping, masked statistics."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssim_jax import filters
+from ssim_jax import stats
+
+KERNEL = filters.gaussian_kernel(7, 1.5)
+
+
+def _blur64(a, k, padding):
+  """float64 separable reference blur of [B, H, W, C]."""
+  r = len(k) // 2
+  if padding == "same":
+    a = np.pad(a, ((0, 0), (r, r), (r, r), (0, 0)))
+  h, w = a.shape[1] - 2 * r, a.shape[2] - 2 * r
+  out = sum(k[i] * a[:, i:i + h] for i in range(len(k)))
+  return sum(k[j] * out[:, :, j:j + w] for j in range(len(k)))
+
+
+@functools.lru_cache(maxsize=None)
+def _local(padding):
+  return jax.jit(lambda x, y: stats.local_stats(
+      x, y, kernel=KERNEL, padding=padding, filter_method="auto"))
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("offset", [0.0, 0.9, 100.0])
+def test_local_stats_match_float64_reference(padding, offset):
+  rng = np.random.default_rng(0)
+  # Small variations on a large offset: the cancellation-prone regime.
+  x = offset + 0.01 * rng.uniform(0, 1, (2, 16, 18, 2))
+  y = offset + 0.01 * rng.uniform(0, 1, (2, 16, 18, 2))
+  st = _local(padding)(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  x32 = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  y32 = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  # Renormalised in float64: a float32 kernel sums to 1 only to ~1e-7, which
+  # alone biases E[x^2]-E[x]^2 by ~1e-7 * offset^2 (pytorch-msssim's error).
+  k = KERNEL.astype(np.float64) / KERNEL.astype(np.float64).sum()
+  mx, my = _blur64(x32, k, padding), _blur64(y32, k, padding)
+  vx = _blur64(x32 * x32, k, padding) - mx * mx
+  cov = _blur64(x32 * y32, k, padding) - mx * my
+  scale = max(offset, 1.0)
+  np.testing.assert_allclose(st.mu_x, mx, atol=2e-6 * scale)
+  # Variance ~1e-5: an uncentred float32 E[x^2]-E[x]^2 at offset 100 would
+  # be off by ~1e-3; centring keeps it near float32 resolution of the data.
+  tol = 1e-9 if padding == "valid" else 2e-6 * scale ** 2
+  np.testing.assert_allclose(st.var_x, vx, atol=tol)
+  np.testing.assert_allclose(st.cov, cov, atol=tol)
+
+
+def test_clamps_hold():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.uniform(0, 1, (2, 12, 12, 1)), jnp.float32)
+  for y in (x, 1.0 - x, jnp.full_like(x, 0.3), x + 1e-7):
+    st = _local("valid")(x, y)
+    assert np.all(np.asarray(st.var_x) >= 0)
+    assert np.all(np.asarray(st.var_y) >= 0)
+    bound = np.sqrt(np.asarray(st.var_x) * np.asarray(st.var_y))
+    assert np.all(np.abs(np.asarray(st.cov)) <= bound * (1 + 1e-6) + 1e-30)
+    assert np.all(2 * np.abs(np.asarray(st.cov))
+                  <= np.asarray(st.var_x) + np.asarray(st.var_y))
+
+
+def test_identical_inputs_give_identical_statistics():
+  x = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (1, 12, 12, 2)),
+                  jnp.float32)
+  for padding in ("valid", "same"):
+    st = _local(padding)(x, x)
+    np.testing.assert_array_equal(st.var_x, st.var_y)
+    np.testing.assert_array_equal(st.var_x, st.cov)
+    np.testing.assert_array_equal(st.mu_x, st.mu_y)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_masked_stats_with_binary_mask(padding):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.uniform(0, 1, (1, 14, 14, 1)), jnp.float32)
+  y = jnp.asarray(rng.uniform(0, 1, (1, 14, 14, 1)), jnp.float32)
+  mask = np.zeros((1, 14, 14, 1), np.float32)
+  mask[:, 2:12, 4:10] = 1.0
+  f = jax.jit(lambda a, b, m: stats.masked_local_stats(
+      a, b, m, kernel=KERNEL, padding=padding, filter_method="auto"))
+  st, mass = f(x, y, mask)
+  k = KERNEL.astype(np.float64)
+  m64 = mask.astype(np.float64)
+  x64 = np.asarray(x, np.float64)
+  w = _blur64(m64, k, padding)
+  has = w > 1e-6
+  mx = _blur64(m64 * x64, k, padding) / np.where(has, w, 1)
+  vx = _blur64(m64 * x64 ** 2, k, padding) / np.where(has, w, 1) - mx ** 2
+  np.testing.assert_allclose(np.asarray(st.mu_x)[has], mx[has], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(st.var_x)[has], vx[has], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(mass), np.where(has, w, 0), atol=1e-6)
+  for field in st:
+    assert np.all(np.isfinite(np.asarray(field)))
+
+
+def test_masked_stats_ones_mask_equals_unmasked_valid():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.uniform(0, 1, (2, 12, 12, 2)), jnp.float32)
+  y = jnp.asarray(rng.uniform(0, 1, (2, 12, 12, 2)), jnp.float32)
+  st, _ = jax.jit(lambda a, b: stats.masked_local_stats(
+      a, b, jnp.ones((2, 12, 12, 1)), kernel=KERNEL, padding="valid",
+      filter_method="auto"))(x, y)
+  ref = _local("valid")(x, y)
+  for a, b in zip(st, ref):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_safe_sqrt_gradient_finite_at_zero():
+  g = jax.jit(jax.vmap(jax.grad(stats.safe_sqrt)))(
+      jnp.asarray([-1.0, 0.0, 1e-30, 4.0]))
+  np.testing.assert_allclose(g[:2], 0.0)
+  assert np.all(np.isfinite(np.asarray(g)))
+  np.testing.assert_allclose(g[3], 0.25)
