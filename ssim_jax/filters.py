@@ -42,6 +42,9 @@ METHODS = ("conv", "matmul", "slices")
 # Outputs per block of the blocked banded matmul: the dense band costs
 # 2 (_BLOCK + K - 1) FLOPs per output instead of 2 K, in exchange for a gemm.
 _BLOCK = 64
+# CPU: images with at least this many pixels per channel use "slices"
+# (between 1024x1024, where matmul won, and 1080x1920, where slices won).
+_SLICES_MIN_PIXELS = 1_500_000
 # Axes with at most this many outputs use one unblocked Toeplitz matrix.
 _MAX_UNBLOCKED = 128
 
@@ -73,12 +76,15 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   This is the one place where the choice is made; `blur(..., method="auto")`
   calls it at trace time. Users force a lowering with `method=`.
 
-  On CPU the blocked banded matmul wins forward+backward at every benchmarked
-  SSIM shape (benchmarks/README.md): XLA's CPU depthwise convolution is
-  several times slower, and the shifted-slice sums, though fastest for a bare
-  forward blur, lose in the backward pass of a full SSIM. Other backends keep
-  the reference convolution (cuDNN / TPU convolutions are fast there and no
-  GPU measurement exists yet).
+  On CPU (benchmarks/README.md, measured on a heavily loaded 2-core machine):
+  XLA's CPU depthwise convolution is several times slower than either
+  alternative. The blocked banded matmul wins forward+backward of a full SSIM
+  at 16x256x256x3, 64x64x64x3 and 1x1024x1024x1 (1.7-3.9x over slices), but
+  lost 3x to the shifted-slice sums at 1x1080x1920x3 ('same' padding), so
+  images above `_SLICES_MIN_PIXELS` per channel use slices. The threshold
+  sits between those two measured points and is not finer-tuned. Other
+  backends keep the reference convolution (cuDNN / TPU convolutions are fast
+  there and no GPU measurement exists yet).
 
   Args:
     shape: `[B, H, W, C]` of the image to be blurred.
@@ -87,11 +93,11 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   Returns:
     One of `METHODS`.
   """
-  del shape  # The CPU choice does not depend on the shape in measurements.
   if backend is None:
     backend = jax.default_backend()
   if backend == "cpu":
-    return "matmul"
+    h, w = shape[1], shape[2]
+    return "slices" if h * w >= _SLICES_MIN_PIXELS else "matmul"
   return "conv"
 
 
