@@ -14,10 +14,11 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.batch_size = 16
-  c.vae.channels = (16, 32, 32)  # 64x64 -> 16x16x4 latents
+  c.vae.channels = (8, 16, 32)  # 64x64 -> 16x16x4 latents
+  c.vae.norm_groups = 8
   c.vae.latent_channels = 4
   c.vae.mid_attention = False
-  c.vae.steps = 250
+  c.vae.steps = 200
   c.vae.learning_rate = 2e-3
   c.vae.warmup_steps = 20
   c.dit.hidden_size = 64
