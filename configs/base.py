@@ -93,4 +93,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.ckpt_every = 500
   c.ckpt_max_to_keep = 3
   c.progress_bar = True
+
+  # --- Fault injection (train/faults.py), for reliability tests and scripts/soak.py.
+  # Global 1-based steps (vae steps first, then flow); empty / 0 = off (free).
+  c.faults = ml_collections.ConfigDict()
+  c.faults.nan_batch_steps = ()  # batches replaced by NaN/Inf pixels
+  c.faults.nan_model_steps = ()  # NaN produced inside the model output
+  c.faults.kill_at_step = 0  # SIGKILL right after this step (one-shot per workdir)
   return c

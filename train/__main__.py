@@ -40,11 +40,12 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from train import config as config_lib  # pylint: disable=g-import-not-at-top
   from train import loop  # pylint: disable=g-import-not-at-top
+  from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
   try:
     results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, loop.TooManySkipsError) as e:
+  except (config_lib.ConfigError, loop.TooManySkipsError, ckpt_lib.WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if results.get("preempted"):

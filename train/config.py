@@ -171,4 +171,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   if n_img > _get(config, "data.num_val"):
     _fail("eval_num_images", f"{n_img} > data.num_val={config.data.num_val}")
   _int(config, "ckpt_every", minimum=1)
+  from train import faults  # pylint: disable=g-import-not-at-top
+  faults.validate(config)  # config.faults (absent or empty = off)
   _int(config, "ckpt_max_to_keep", minimum=1)

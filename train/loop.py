@@ -29,6 +29,7 @@ from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import data as data_lib
 from train import evaluate as eval_lib
+from train import faults as faults_lib
 from train import step as step_lib
 from train import writer as writer_lib
 from train.models import dit as dit_lib
@@ -186,6 +187,8 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
   it = datasets.train_iter(start)
+  train_step = faults_lib.wrap_train_step(  # the identity unless config.faults is set
+      train_step, config, stage=name, workdir=os.path.dirname(checkpointer.directory))
   t_last, n_last = time.perf_counter(), 0
   preempted = False
   try:

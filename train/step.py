@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 import ssim_jax
+from train import faults as faults_lib
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXIS = "data"
@@ -199,6 +200,7 @@ def make_vae_loss(config, vae_graphdef, vae_rest, *, compute_dtype):
     logvar = logvar.astype(jnp.float32)
     z = mean + jnp.exp(0.5 * logvar) * batch["eps"]
     rec = model.decode(z.astype(compute_dtype)).astype(jnp.float32)
+    rec = faults_lib.model_fault(rec, batch)  # identity unless config.faults.nan_model_steps
     l1 = jnp.mean(jnp.abs(rec - x))
     ssim_l = ssim_jax.ssim_loss((rec + 1) / 2, (x + 1) / 2, data_range=1.0,
                                 window_size=config.ssim_window_size)
@@ -279,6 +281,7 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
     x_t = flow.interpolate(z0, noise, t)
     v = flow.velocity_target(z0, noise)
     v_pred = dit(x_t.astype(compute_dtype), t, batch["lowres"]).astype(jnp.float32)
+    v_pred = faults_lib.model_fault(v_pred, batch)  # identity unless config.faults.nan_model_steps
     mse = jnp.mean(jnp.square(v_pred - v))
     metrics = dict(mse=mse, mse_weighted=mse_w * mse)
     grad_loss = mse_w * mse
