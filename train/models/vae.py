@@ -390,7 +390,7 @@ def load_diffusers_safetensors(model: VAE, path: str, *, strict: bool = True) ->
   """
   from safetensors.numpy import load_file  # local: an optional dependency path
 
-  tensors = load_file(path)
+  tensors = load_file(str(path))
   for old, new in _ATTN_ALIASES.items():
     for k in list(tensors):
       parts = k.split(".")
@@ -409,8 +409,8 @@ def load_diffusers_safetensors(model: VAE, path: str, *, strict: bool = True) ->
       updates.append((path_, var))
       continue
     used.add(name)
-    value = _to_flax(name, leaf, tensors[name], var.value.shape)
-    updates.append((path_, var.replace(jnp.asarray(value, var.value.dtype))))
+    value = _to_flax(name, leaf, tensors[name], var.get_value().shape)
+    updates.append((path_, var.replace(jnp.asarray(value, var.get_value().dtype))))
   unexpected = sorted(set(tensors) - used)
   if strict and (missing or unexpected):
     raise ValueError(f"checkpoint does not match the model: missing {missing[:8]}"
@@ -425,7 +425,7 @@ def diffusers_state_dict(model: VAE) -> dict[str, np.ndarray]:
   out = {}
   for path_, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     leaf = str(path_[-1])
-    v = np.asarray(var.value, np.float32)
+    v = np.asarray(var.get_value(), np.float32)
     if leaf == "kernel" and v.ndim == 4:
       v = v.transpose(3, 2, 0, 1)
     elif leaf == "kernel" and v.ndim == 2:
