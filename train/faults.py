@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -166,10 +166,3 @@ def wrap_train_step(train_step: Callable, config, *, stage: str, workdir: str) -
       setattr(step, attr, getattr(train_step, attr))
   return step
 
-
-def faults_summary(config) -> dict[str, Any]:
-  """The configured faults as a plain dict (for logs and the soak script)."""
-  faults = _faults(config)
-  return {"nan_batch_steps": _steps(faults, "nan_batch_steps"),
-          "nan_model_steps": _steps(faults, "nan_model_steps"),
-          "kill_at_step": int(faults.get("kill_at_step", 0) or 0) if faults is not None else 0}
