@@ -1,6 +1,5 @@
 """Tests of ssim_jax.ms_ssim: golden values, range, masks, gradients."""
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -12,44 +11,10 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+from jit_helpers import call, value_and_grad
 import ssim_jax
 ms_lib = importlib.import_module("ssim_jax.ms_ssim")
 
-
-@functools.lru_cache(maxsize=None)
-def _jitted(fn, static):
-  return jax.jit(lambda *args, **arrays: fn(*args, **arrays, **dict(static)))
-
-
-def call(fn, *args, **kwargs):
-  """fn(*args, **kwargs) under a cached jit: options static, arrays traced.
-
-  Eager op-by-op dispatch compiles every primitive separately and is many
-  times slower on CPU than one jitted call.
-  """
-  arrays = {k: v for k, v in kwargs.items()
-            if isinstance(v, (jax.Array, np.ndarray))}
-  static = tuple(sorted(
-      (k, tuple(v) if isinstance(v, list) else v)
-      for k, v in kwargs.items() if k not in arrays))
-  return _jitted(fn, static)(*args, **arrays)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_grad(fn, static, argnums):
-  return jax.jit(jax.value_and_grad(
-      lambda *args, **arrays: fn(*args, **arrays, **dict(static)),
-      argnums=argnums))
-
-
-def value_and_grad(fn, *args, argnums=0, **kwargs):
-  """jit(value_and_grad(fn)) with the same static/traced split as `call`."""
-  arrays = {k: v for k, v in kwargs.items()
-            if isinstance(v, (jax.Array, np.ndarray))}
-  static = tuple(sorted(
-      (k, tuple(v) if isinstance(v, list) else v)
-      for k, v in kwargs.items() if k not in arrays))
-  return _jitted_grad(fn, static, argnums)(*args, **arrays)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 

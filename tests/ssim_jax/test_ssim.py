@@ -1,6 +1,5 @@
 """Tests of ssim_jax.ssim: values, references, masks, transforms."""
 
-import functools
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,45 +9,11 @@ from absl.testing import parameterized
 from skimage import data as sk_data
 from skimage.metrics import structural_similarity
 
+from jit_helpers import call, value_and_grad
 import ssim_jax
 from ssim_jax import checks
 
 
-
-@functools.lru_cache(maxsize=None)
-def _jitted(fn, static):
-  return jax.jit(lambda *args, **arrays: fn(*args, **arrays, **dict(static)))
-
-
-def call(fn, *args, **kwargs):
-  """fn(*args, **kwargs) under a cached jit: options static, arrays traced.
-
-  Eager op-by-op dispatch compiles every primitive separately and is many
-  times slower on CPU than one jitted call.
-  """
-  arrays = {k: v for k, v in kwargs.items()
-            if isinstance(v, (jax.Array, np.ndarray))}
-  static = tuple(sorted(
-      (k, tuple(v) if isinstance(v, list) else v)
-      for k, v in kwargs.items() if k not in arrays))
-  return _jitted(fn, static)(*args, **arrays)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_grad(fn, static, argnums):
-  return jax.jit(jax.value_and_grad(
-      lambda *args, **arrays: fn(*args, **arrays, **dict(static)),
-      argnums=argnums))
-
-
-def value_and_grad(fn, *args, argnums=0, **kwargs):
-  """jit(value_and_grad(fn)) with the same static/traced split as `call`."""
-  arrays = {k: v for k, v in kwargs.items()
-            if isinstance(v, (jax.Array, np.ndarray))}
-  static = tuple(sorted(
-      (k, tuple(v) if isinstance(v, list) else v)
-      for k, v in kwargs.items() if k not in arrays))
-  return _jitted_grad(fn, static, argnums)(*args, **arrays)
 
 def _retina_pair(size=64, offset=(0, 0), seed=0, noise=0.05):
   img = sk_data.retina().astype(np.float64) / 255.0
