@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -117,8 +116,24 @@ def test_load_diffusers_safetensors_roundtrip(tmp_path):
   np.testing.assert_array_equal(src(x).reconstruction, dst(x).reconstruction)
 
 
+def _torch_conv2d(x_nhwc, w_oihw, b, padding):
+  """torch.nn.functional.conv2d by its definition (cross-correlation, OIHW weights).
+
+  Written out in numpy so that the layout test needs no torch install.
+  """
+  kh, kw = w_oihw.shape[2:]
+  xp = np.pad(x_nhwc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  h = xp.shape[1] - kh + 1
+  w = xp.shape[2] - kw + 1
+  out = np.zeros(x_nhwc.shape[:1] + (h, w, w_oihw.shape[0]), np.float64)
+  for u in range(kh):
+    for v in range(kw):
+      out += np.einsum("nhwc,oc->nhwo", xp[:, u:u + h, v:v + w], w_oihw[:, :, u, v])
+  return out + b
+
+
 def test_loaded_conv_matches_torch_layout(tmp_path):
-  # A torch conv2d with the checkpoint's weight gives the model's conv_in output.
+  # torch's conv2d with the checkpoint's weight gives the model's conv_in output.
   vae = _tiny()
   sd = vae_lib.diffusers_state_dict(vae)
   rng = np.random.default_rng(0)
@@ -127,9 +142,7 @@ def test_loaded_conv_matches_torch_layout(tmp_path):
   vae_lib.load_diffusers_safetensors(vae, tmp_path / "vae.safetensors")
   x = rng.normal(size=(1, 16, 16, 3)).astype(np.float32)
   ours = vae.encoder.conv_in(jnp.asarray(x))
-  ref = torch.nn.functional.conv2d(
-      torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(sd["encoder.conv_in.weight"]),
-      torch.from_numpy(sd["encoder.conv_in.bias"]), padding=1).permute(0, 2, 3, 1).numpy()
+  ref = _torch_conv2d(x, sd["encoder.conv_in.weight"], sd["encoder.conv_in.bias"], padding=1)
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
   # Linear layers: torch x @ W.T + b.
   a = rng.normal(size=(5, 16)).astype(np.float32)
