@@ -42,9 +42,6 @@ METHODS = ("conv", "matmul", "slices")
 # Outputs per block of the blocked banded matmul: the dense band costs
 # 2 (_BLOCK + K - 1) FLOPs per output instead of 2 K, in exchange for a gemm.
 _BLOCK = 64
-# CPU: images with at least this many pixels per channel use "slices"
-# (between 1024x1024, where matmul won, and 1080x1920, where slices won).
-_SLICES_MIN_PIXELS = 1_500_000
 # Axes with at most this many outputs use one unblocked Toeplitz matrix.
 _MAX_UNBLOCKED = 128
 
@@ -76,15 +73,15 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   This is the one place where the choice is made; `blur(..., method="auto")`
   calls it at trace time. Users force a lowering with `method=`.
 
-  On CPU (benchmarks/README.md, measured on a heavily loaded 2-core machine):
-  XLA's CPU depthwise convolution is several times slower than either
-  alternative. The blocked banded matmul wins forward+backward of a full SSIM
-  at 16x256x256x3, 64x64x64x3 and 1x1024x1024x1 (1.7-3.9x over slices), but
-  lost 3x to the shifted-slice sums at 1x1080x1920x3 ('same' padding), so
-  images above `_SLICES_MIN_PIXELS` per channel use slices. The threshold
-  sits between those two measured points and is not finer-tuned. Other
-  backends keep the reference convolution (cuDNN / TPU convolutions are fast
-  there and no GPU measurement exists yet).
+  On CPU (benchmarks/README.md, quiet 2-core machine): XLA's CPU depthwise
+  convolution is 5-12x slower than the blocked banded matmul on a full SSIM
+  forward+backward, and the shifted-slice sums lose to the matmul at every
+  benchmarked shape (1.6x at 1x1024x1024x1 forward, 2.5x at 1x1080x1920x3
+  forward+backward), so CPU uses "matmul". (Before the statistics got their
+  hand-written clamp derivative, autodiff of the clamps made the matmul
+  backward so slow that slices won at 1080p; that is no longer so.) Other
+  backends keep the reference convolution: cuDNN / TPU convolutions are fast
+  there and no GPU measurement exists yet.
 
   Args:
     shape: `[B, H, W, C]` of the image to be blurred.
@@ -95,9 +92,9 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   """
   if backend is None:
     backend = jax.default_backend()
+  del shape  # One answer per backend so far; the shape is the hook for more.
   if backend == "cpu":
-    h, w = shape[1], shape[2]
-    return "slices" if h * w >= _SLICES_MIN_PIXELS else "matmul"
+    return "matmul"
   return "conv"
 
 
