@@ -22,7 +22,10 @@ reference to 1e-6):
   (to any order) but not forward mode (`jax.jvp`, `jax.jacfwd`): force
   ``method="matmul"`` there.
 
-The input is float32 `[B, H, W, C]`; channels are filtered independently.
+The input is float32 `[B, H, W, C]` or `[B, C, H, W]`; channels are filtered
+independently. All lowerings work on planes `[N, H, W]`, where both filtered
+axes are the two minor ones: the band matmuls are then plain gemms with no
+transposes (W: contraction over the minor axis; H: over the middle axis).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 
 Padding = Literal["valid", "same"]
 Method = Literal["auto", "conv", "matmul", "slices"]
+Layout = Literal["NHWC", "NCHW"]
 
 METHODS = ("conv", "matmul", "slices")
 
@@ -44,6 +48,9 @@ METHODS = ("conv", "matmul", "slices")
 _BLOCK = 64
 # Axes with at most this many outputs use one unblocked Toeplitz matrix.
 _MAX_UNBLOCKED = 128
+# The H pass contracts the middle axis of the planes directly (no transpose)
+# when the planes are at least this wide (the free dimension of the gemm).
+_MIN_ROW_GEMM = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,12 +106,14 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
 
 
 def _blur_conv(x: jax.Array, kernel: np.ndarray, padding: Padding) -> jax.Array:
-  """Reference lowering: two depthwise `conv_general_dilated` passes."""
-  b, h, w, c = x.shape
+  """Reference lowering: two single-feature `conv_general_dilated` passes.
+
+  Works on planes `[N, H, W]` (channels already folded into N, so one
+  single-feature conv replaces a grouped, depthwise one).
+  """
+  n, h, w = x.shape
   k = kernel.shape[0]
-  # Channels folded into the batch: one single-feature conv instead of a
-  # grouped (depthwise) one.
-  x = jnp.moveaxis(x, -1, 1).reshape(b * c, h, w, 1)
+  x = x.reshape(n, h, w, 1)
   dn = ("NHWC", "HWIO", "NHWC")
   kh = jnp.asarray(kernel.reshape(k, 1, 1, 1))
   kw = jnp.asarray(kernel.reshape(1, k, 1, 1))
@@ -116,8 +125,7 @@ def _blur_conv(x: jax.Array, kernel: np.ndarray, padding: Padding) -> jax.Array:
   y = jax.lax.conv_general_dilated(
       y, kw, (1, 1), pad_w, dimension_numbers=dn,
       precision=jax.lax.Precision.HIGHEST)
-  ho, wo = y.shape[1], y.shape[2]
-  return jnp.moveaxis(y.reshape(b, c, ho, wo), 1, -1)
+  return y[..., 0]
 
 
 def _pad_same(x: jax.Array, k: int, axes: tuple[int, ...]) -> jax.Array:
@@ -159,16 +167,45 @@ def _matmul_last_axis(x: jax.Array, taps: tuple[float, ...]) -> jax.Array:
   return y.reshape(lead + (nb * bo,))[..., :n_out]
 
 
+def _matmul_rows_axis(x: jax.Array, taps: tuple[float, ...]) -> jax.Array:
+  """'valid' 1-D filter along axis -2 of `[..., N, W]` as a (blocked) band matmul.
+
+  The contraction runs over the middle axis with W contiguous, i.e. one
+  ordinary gemm (band^T @ rows) per block: no transpose is needed.
+  """
+  k = len(taps)
+  n, w = x.shape[-2:]
+  n_out = n - k + 1
+  lead = x.shape[:-2]
+  if n_out <= _MAX_UNBLOCKED:
+    band = jnp.asarray(_band_np(taps, n, n_out))
+    return jnp.einsum("...lw,lo->...ow", x, band,
+                      precision=jax.lax.Precision.HIGHEST)
+  bo = max(_BLOCK, k - 1)
+  nb = -(-n_out // bo)
+  xp = jnp.pad(x, [(0, 0)] * len(lead) + [(0, (nb + 1) * bo - n), (0, 0)])
+  blocks = xp.reshape(lead + (nb + 1, bo, w))
+  windows = jnp.concatenate([blocks[..., :nb, :, :], blocks[..., 1:, :k - 1, :]],
+                            axis=-2)  # [..., nb, bo + K - 1, W]
+  band = jnp.asarray(_band_np(taps, bo + k - 1, bo))
+  y = jnp.einsum("...nlw,lo->...now", windows, band,
+                 precision=jax.lax.Precision.HIGHEST)
+  return y.reshape(lead + (nb * bo, w))[..., :n_out, :]
+
+
 def _blur_matmul(x: jax.Array, kernel: np.ndarray, padding: Padding
                  ) -> jax.Array:
-  """Banded-matmul lowering; the filtered axis is made the minor one."""
+  """Banded-matmul lowering on planes `[N, H, W]`: W as the minor axis, then
+  H as the middle axis, both plain gemms with no transposes."""
   taps = tuple(float(t) for t in kernel)
   if padding == "same":
     x = _pad_same(x, len(taps), (1, 2))
-  y = jnp.transpose(x, (0, 3, 1, 2))           # [B, C, H, W]
-  y = _matmul_last_axis(y, taps)               # [B, C, H, W']
-  y = _matmul_last_axis(jnp.swapaxes(y, 2, 3), taps)  # [B, C, W', H']
-  return jnp.transpose(y, (0, 3, 2, 1))        # [B, H', W', C]
+  y = _matmul_last_axis(x, taps)
+  if y.shape[-1] >= _MIN_ROW_GEMM:
+    return _matmul_rows_axis(y, taps)
+  # Narrow planes: per-plane gemms of a few dozen columns are slow; one
+  # transpose buys a single tall gemm instead.
+  return jnp.swapaxes(_matmul_last_axis(jnp.swapaxes(y, -1, -2), taps), -1, -2)
 
 
 def _slices_axis(x: jax.Array, taps: tuple[float, ...], axis: int
@@ -196,7 +233,7 @@ def _slices_axis(x: jax.Array, taps: tuple[float, ...], axis: int
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _blur_slices(x: jax.Array, taps: tuple[float, ...], padding: str
                  ) -> jax.Array:
-  """Shifted-slice lowering with an adjoint-filter backward."""
+  """Shifted-slice lowering on planes `[N, H, W]`, adjoint-filter backward."""
   if padding == "same":
     x = _pad_same(x, len(taps), (1, 2))
   return _slices_axis(_slices_axis(x, taps, 1), taps, 2)
@@ -214,7 +251,7 @@ def _blur_slices_bwd(taps, padding, _, g):
   flipped = taps[::-1]
   k = len(taps)
   if padding == "valid":
-    g = jnp.pad(g, [(0, 0), (k - 1, k - 1), (k - 1, k - 1), (0, 0)])
+    g = jnp.pad(g, [(0, 0), (k - 1, k - 1), (k - 1, k - 1)])
   return (_blur_slices(g, flipped, padding),)
 
 
@@ -227,37 +264,57 @@ def blur(
     *,
     padding: Padding = "valid",
     method: Method | str = "auto",
+    layout: Layout = "NHWC",
 ) -> jax.Array:
   """Separable Gaussian blur of `x` along H and W.
 
+  Every lowering filters planes `[N, H, W]`; "NCHW" input reshapes to planes
+  for free, "NHWC" costs a transpose in and out. Pipelines that blur several
+  maps of the same images (the SSIM statistics) therefore convert once and
+  use `layout="NCHW"`.
+
   Args:
-    x: float32 `[B, H, W, C]`.
+    x: float32 `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` ("NCHW").
     kernel: 1-D window `[K]` (K odd), from `gaussian_kernel`; a host
       (numpy) array, since it is baked into the compiled filter.
-    padding: ``"valid"`` gives `[B, H-K+1, W-K+1, C]`; ``"same"`` zero-pads
-      and gives `[B, H, W, C]`.
+    padding: ``"valid"`` shrinks H and W by K-1; ``"same"`` zero-pads and
+      keeps them.
     method: lowering, ``"auto"`` defers to `choose_method`.
+    layout: "NHWC" or "NCHW", of `x` and of the result.
 
   Returns:
-    The filtered maps, float32.
+    The filtered maps, float32, in the layout of `x`.
   """
   if padding not in ("valid", "same"):
     raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+  if layout not in ("NHWC", "NCHW"):
+    raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
   if x.ndim != 4:
-    raise ValueError(f"x must be [B, H, W, C], got shape {x.shape}")
+    dims = "[B, H, W, C]" if layout == "NHWC" else "[B, C, H, W]"
+    raise ValueError(f"x must be {dims}, got shape {x.shape}")
   kernel = np.asarray(kernel, np.float32)
   if kernel.ndim != 1 or kernel.shape[0] % 2 != 1:
     raise ValueError(f"kernel must be 1-D with an odd length, got shape "
                      f"{kernel.shape}")
-  if padding == "valid" and min(x.shape[1], x.shape[2]) < kernel.shape[0]:
+  if layout == "NHWC":
+    b, h, w, c = x.shape
+    planes = jnp.transpose(x, (0, 3, 1, 2)).reshape(b * c, h, w)
+  else:
+    b, c, h, w = x.shape
+    planes = x.reshape(b * c, h, w)
+  if padding == "valid" and min(h, w) < kernel.shape[0]:
     raise ValueError(f"'valid' padding needs H and W >= window size "
-                     f"{kernel.shape[0]}, got x of shape {x.shape}")
+                     f"{kernel.shape[0]}, got x of shape {x.shape} ({layout})")
   if method == "auto":
-    method = choose_method(x.shape)
+    method = choose_method((b, h, w, c))
   if method == "conv":
-    return _blur_conv(x, kernel, padding)
-  if method == "matmul":
-    return _blur_matmul(x, kernel, padding)
-  if method == "slices":
-    return _blur_slices(x, tuple(float(t) for t in kernel), padding)
-  raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    out = _blur_conv(planes, kernel, padding)
+  elif method == "matmul":
+    out = _blur_matmul(planes, kernel, padding)
+  elif method == "slices":
+    out = _blur_slices(planes, tuple(float(t) for t in kernel), padding)
+  else:
+    raise ValueError(
+        f"method must be 'auto' or one of {METHODS}, got {method!r}")
+  out = out.reshape((b, c) + out.shape[1:])
+  return jnp.transpose(out, (0, 2, 3, 1)) if layout == "NHWC" else out

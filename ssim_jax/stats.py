@@ -101,41 +101,50 @@ def _clamp(mu_x, mu_y, var_x, var_y, cov) -> LocalStats:
 
 
 def _border_mass(height: int, width: int, kernel: np.ndarray) -> np.ndarray:
-  """blur(ones) under zero 'same' padding, float32 `[1, H, W, 1]` (host)."""
+  """blur(ones) under zero 'same' padding, float32 `[H, W]` (host)."""
   k = np.asarray(kernel, np.float64)
   bh = np.convolve(np.ones(height), k, mode="same")
   bw = np.convolve(np.ones(width), k, mode="same")
-  return np.outer(bh, bw).astype(np.float32)[None, :, :, None]
+  return np.outer(bh, bw).astype(np.float32)
+
+
+def _spatial_axes(layout: str) -> tuple[int, int]:
+  return (1, 2) if layout == "NHWC" else (2, 3)
 
 
 def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
-                padding: str, filter_method: str) -> LocalStats:
+                padding: str, filter_method: str,
+                layout: str = "NHWC") -> LocalStats:
   """Gaussian-windowed statistics of an image pair (no mask).
 
   Args:
-    x: float32 `[B, H, W, C]`.
-    y: float32 `[B, H, W, C]`.
+    x: float32 `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` ("NCHW").
+    y: float32, same shape as `x`.
     kernel: 1-D window `[K]` from `filters.gaussian_kernel`.
     padding: "valid" or "same" (zero padding, as in Gaussian-splatting code).
     filter_method: lowering passed to `filters.blur`.
+    layout: layout of `x`, `y` and of the returned maps. "NCHW" is the fast
+      one (the blurs need no transposes); the SSIM routes convert once.
 
   Returns:
-    `LocalStats`, each `[B, H', W', C]`.
+    `LocalStats`, each `[B, H', W', C]` (or `[B, C, H', W']` for "NCHW").
   """
+  axes = _spatial_axes(layout)
   # Per-image, per-channel centring: exact shift invariance of var/cov, and
   # identical expressions for x and y, so x == y gives identical statistics.
   # The offsets are constants to the derivative (stop_gradient): every
   # statistic below is exactly invariant to the choice of offset, so this is
   # the true gradient, and the backward pass skips two reductions.
-  ox = jax.lax.stop_gradient(jnp.mean(x, axis=(1, 2), keepdims=True))
-  oy = jax.lax.stop_gradient(jnp.mean(y, axis=(1, 2), keepdims=True))
+  ox = jax.lax.stop_gradient(jnp.mean(x, axis=axes, keepdims=True))
+  oy = jax.lax.stop_gradient(jnp.mean(y, axis=axes, keepdims=True))
   xc = x - ox
   yc = y - oy
   # Five separate blurs: on XLA CPU they measured faster forward+backward
   # than one blur of the channel-stacked maps (the concatenation and split
   # cost more than the extra launches).
   m_x, m_y, e_xx, e_yy, e_xy = (
-      filters.blur(a, kernel, padding=padding, method=filter_method)
+      filters.blur(a, kernel, padding=padding, method=filter_method,
+                   layout=layout)
       for a in (xc, yc, xc * xc, yc * yc, xc * yc))
   var_x = e_xx - m_x * m_x
   var_y = e_yy - m_y * m_y
@@ -147,7 +156,9 @@ def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
   #   mu = m + o b1,  var += 2 o m (1-b1) + o^2 b1 (1-b1),
   #   cov += (o_x m_y + o_y m_x)(1-b1) + o_x o_y b1 (1-b1).
   # The terms are written symmetrically so that x == y stays bit-identical.
-  b1 = jnp.asarray(_border_mass(x.shape[1], x.shape[2], kernel))
+  h, w = (x.shape[a] for a in axes)
+  b1 = jnp.asarray(_border_mass(h, w, kernel))
+  b1 = b1[None, :, :, None] if layout == "NHWC" else b1[None, None]
   rest = 1.0 - b1
 
   def extra(o_a, m_a, o_b, m_b):

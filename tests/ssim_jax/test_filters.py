@@ -64,11 +64,13 @@ def test_lowerings_match_reference(case):
 
 @pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize("padding", ["valid", "same"])
-def test_long_axes_use_blocks_and_stay_exact(method, padding):
-  # 301 x 203: more than one block of the banded matmul along H (blocks of
-  # 64 outputs plus a ragged tail) and an unblocked W.
+@pytest.mark.parametrize("hw", [(301, 203), (203, 301), (301, 40)])
+def test_long_axes_use_blocks_and_stay_exact(method, padding, hw):
+  # Long axes: several blocks of 64 outputs of the banded matmul plus a
+  # ragged tail, along H (middle-axis gemm) and W (minor-axis gemm); a
+  # narrow W takes the transposed H pass.
   kernel = filters.gaussian_kernel(11, 1.5)
-  x = jax.random.uniform(jax.random.key(3), (1, 301, 203, 2))
+  x = jax.random.uniform(jax.random.key(3), (1, *hw, 2))
   ref = filters.blur(x, kernel, padding=padding, method="conv")
   out = jax.jit(lambda x: filters.blur(x, kernel, padding=padding,
                                        method=method))(x)
@@ -93,6 +95,28 @@ def test_asymmetric_kernel_and_its_adjoint(method, padding):
       _reference_np(x, kernel, padding), atol=1e-6, rtol=0)
   np.testing.assert_allclose(jax.grad(loss)(x, method),
                              jax.grad(loss)(x, "conv"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", filters.METHODS)
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_nchw_layout_equals_nhwc(method, padding):
+  kernel = filters.gaussian_kernel(7, 1.5)
+  x = jax.random.uniform(jax.random.key(7), (2, 150, 31, 3))
+  x_nchw = jnp.transpose(x, (0, 3, 1, 2))
+  cot = jax.random.normal(jax.random.key(8), filters.blur(
+      x_nchw, kernel, padding=padding, method="conv", layout="NCHW").shape)
+
+  def loss(a, m):
+    return jnp.sum(cot * filters.blur(a, kernel, padding=padding, method=m,
+                                      layout="NCHW"))
+
+  out = filters.blur(x_nchw, kernel, padding=padding, method=method,
+                     layout="NCHW")
+  ref = filters.blur(x, kernel, padding=padding, method="conv")
+  np.testing.assert_allclose(jnp.transpose(out, (0, 2, 3, 1)), ref,
+                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(jax.grad(loss)(x_nchw, method),
+                             jax.grad(loss)(x_nchw, "conv"), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("method", FAST)
@@ -127,6 +151,8 @@ def test_bad_arguments_raise():
   x = jnp.ones((1, 16, 16, 1))
   with pytest.raises(ValueError, match="method"):
     filters.blur(x, kernel, method="fft")
+  with pytest.raises(ValueError, match="layout"):
+    filters.blur(x, kernel, layout="HWCN")
   with pytest.raises(ValueError, match="padding"):
     filters.blur(x, kernel, padding="reflect")
   with pytest.raises(ValueError, match="H and W"):
