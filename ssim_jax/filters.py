@@ -80,15 +80,15 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   This is the one place where the choice is made; `blur(..., method="auto")`
   calls it at trace time. Users force a lowering with `method=`.
 
-  On CPU (benchmarks/README.md, quiet 2-core machine): XLA's CPU depthwise
-  convolution is 5-12x slower than the blocked banded matmul on a full SSIM
-  forward+backward, and the shifted-slice sums lose to the matmul at every
-  benchmarked shape (1.6x at 1x1024x1024x1 forward, 2.5x at 1x1080x1920x3
-  forward+backward), so CPU uses "matmul". (Before the statistics got their
-  hand-written clamp derivative, autodiff of the clamps made the matmul
-  backward so slow that slices won at 1080p; that is no longer so.) Other
-  backends keep the reference convolution: cuDNN / TPU convolutions are fast
-  there and no GPU measurement exists yet.
+  On CPU (benchmarks/README.md, quiet 2-core machine, full SSIM
+  forward+backward): XLA's CPU convolution is 9-24x slower than the blocked
+  banded matmul, and the shifted-slice sums lose to it at every benchmarked
+  shape (9-16x: XLA re-fuses the slice sums into their consumers), so CPU
+  uses "matmul". (Before the statistics got their hand-written clamp
+  derivative, autodiff of the clamps made the matmul backward so slow that
+  slices won at 1080p; that is no longer so.) Other backends keep the
+  reference convolution: cuDNN / TPU convolutions are fast there and no GPU
+  measurement exists yet.
 
   Args:
     shape: `[B, H, W, C]` of the image to be blurred.
