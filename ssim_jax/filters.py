@@ -144,53 +144,39 @@ def _band_np(taps: tuple[float, ...], n_in: int, n_out: int) -> np.ndarray:
   return m
 
 
-def _matmul_last_axis(x: jax.Array, taps: tuple[float, ...]) -> jax.Array:
-  """'valid' 1-D filter along the last axis as a (blocked) band matmul."""
+def _matmul_axis(x: jax.Array, taps: tuple[float, ...], axis: int
+                 ) -> jax.Array:
+  """'valid' 1-D filter along axis -1 or -2 as a (blocked) band matmul.
+
+  Along -1 the contraction is over the minor axis; along -2 it is over the
+  middle axis with the last axis contiguous, i.e. one ordinary gemm
+  (band^T @ rows) per block. Neither needs a transpose.
+  """
   k = len(taps)
-  n = x.shape[-1]
+  tail = "w" if axis == -2 else ""   # einsum letter of the contiguous axis
+  a = x.ndim + axis                  # the filtered axis, counted from 0
+  n = x.shape[a]
   n_out = n - k + 1
-  lead = x.shape[:-1]
   if n_out <= _MAX_UNBLOCKED:
     band = jnp.asarray(_band_np(taps, n, n_out))
-    return jnp.einsum("...l,lo->...o", x, band,
+    return jnp.einsum(f"...l{tail},lo->...o{tail}", x, band,
                       precision=jax.lax.Precision.HIGHEST)
   bo = max(_BLOCK, k - 1)
   nb = -(-n_out // bo)
   # Zero tail so that block j and the first K-1 inputs of block j+1 exist.
-  xp = jnp.pad(x, [(0, 0)] * len(lead) + [(0, (nb + 1) * bo - n)])
-  blocks = xp.reshape(lead + (nb + 1, bo))
-  windows = jnp.concatenate([blocks[..., :nb, :], blocks[..., 1:, :k - 1]],
-                            axis=-1)  # [..., nb, bo + K - 1]
+  pads = [(0, 0)] * x.ndim
+  pads[a] = (0, (nb + 1) * bo - n)
+  xp = jnp.pad(x, pads)
+  blocks = xp.reshape(x.shape[:a] + (nb + 1, bo) + x.shape[a + 1:])
+  this = jax.lax.slice_in_dim(blocks, 0, nb, axis=a)
+  after = jax.lax.slice_in_dim(
+      jax.lax.slice_in_dim(blocks, 1, nb + 1, axis=a), 0, k - 1, axis=a + 1)
+  windows = jnp.concatenate([this, after], axis=a + 1)  # nb x (bo + K - 1)
   band = jnp.asarray(_band_np(taps, bo + k - 1, bo))
-  y = jnp.einsum("...nl,lo->...no", windows, band,
+  y = jnp.einsum(f"...nl{tail},lo->...no{tail}", windows, band,
                  precision=jax.lax.Precision.HIGHEST)
-  return y.reshape(lead + (nb * bo,))[..., :n_out]
-
-
-def _matmul_rows_axis(x: jax.Array, taps: tuple[float, ...]) -> jax.Array:
-  """'valid' 1-D filter along axis -2 of `[..., N, W]` as a (blocked) band matmul.
-
-  The contraction runs over the middle axis with W contiguous, i.e. one
-  ordinary gemm (band^T @ rows) per block: no transpose is needed.
-  """
-  k = len(taps)
-  n, w = x.shape[-2:]
-  n_out = n - k + 1
-  lead = x.shape[:-2]
-  if n_out <= _MAX_UNBLOCKED:
-    band = jnp.asarray(_band_np(taps, n, n_out))
-    return jnp.einsum("...lw,lo->...ow", x, band,
-                      precision=jax.lax.Precision.HIGHEST)
-  bo = max(_BLOCK, k - 1)
-  nb = -(-n_out // bo)
-  xp = jnp.pad(x, [(0, 0)] * len(lead) + [(0, (nb + 1) * bo - n), (0, 0)])
-  blocks = xp.reshape(lead + (nb + 1, bo, w))
-  windows = jnp.concatenate([blocks[..., :nb, :, :], blocks[..., 1:, :k - 1, :]],
-                            axis=-2)  # [..., nb, bo + K - 1, W]
-  band = jnp.asarray(_band_np(taps, bo + k - 1, bo))
-  y = jnp.einsum("...nlw,lo->...now", windows, band,
-                 precision=jax.lax.Precision.HIGHEST)
-  return y.reshape(lead + (nb * bo, w))[..., :n_out, :]
+  y = y.reshape(x.shape[:a] + (nb * bo,) + x.shape[a + 1:])
+  return jax.lax.slice_in_dim(y, 0, n_out, axis=a)
 
 
 def _blur_matmul(x: jax.Array, kernel: np.ndarray, padding: Padding
@@ -200,12 +186,12 @@ def _blur_matmul(x: jax.Array, kernel: np.ndarray, padding: Padding
   taps = tuple(float(t) for t in kernel)
   if padding == "same":
     x = _pad_same(x, len(taps), (1, 2))
-  y = _matmul_last_axis(x, taps)
+  y = _matmul_axis(x, taps, -1)
   if y.shape[-1] >= _MIN_ROW_GEMM:
-    return _matmul_rows_axis(y, taps)
+    return _matmul_axis(y, taps, -2)
   # Narrow planes: per-plane gemms of a few dozen columns are slow; one
   # transpose buys a single tall gemm instead.
-  return jnp.swapaxes(_matmul_last_axis(jnp.swapaxes(y, -1, -2), taps), -1, -2)
+  return jnp.swapaxes(_matmul_axis(jnp.swapaxes(y, -1, -2), taps, -1), -1, -2)
 
 
 def _slices_axis(x: jax.Array, taps: tuple[float, ...], axis: int
