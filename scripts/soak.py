@@ -34,14 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load(workdir: str, stage: str, step: int):
   """A checkpointed TrainState as a dict of numpy arrays (any device topology)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, stage, str(step), "state")
-  with ocp.PyTreeCheckpointer() as c:
-    md = c.metadata(path)
-    tree = md.item_metadata.tree if hasattr(md, "item_metadata") else md
-    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return c.restore(path, restore_args=args)
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.load_numpy(os.path.join(workdir, stage), step)
 
 
 def _equal(a, b) -> bool:

@@ -423,3 +423,25 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def load_numpy(directory: str, step: int) -> Any:
+  """The state saved at `step` under `directory` as numpy arrays, for offline checks.
+
+  Reads the checkpoint's own metadata, so no template (model, mesh or device
+  count) is needed: runs on any topology can be compared leaf by leaf.
+
+  Args:
+    directory: a Checkpointer directory (e.g. `<workdir>/flow`).
+    step: the step to read.
+
+  Returns:
+    The saved pytree (a nested dict) with `np.ndarray` leaves.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, str(step), "state")
+  with ocp.PyTreeCheckpointer() as c:
+    md = c.metadata(path)
+    tree = md.item_metadata.tree if hasattr(md, "item_metadata") else md
+    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return c.restore(path, restore_args=args)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from train import checkpoint
 from train import config as config_lib
 from train import faults
 
@@ -71,13 +72,7 @@ def _steps(d):
 
 def _load(workdir, stage, step):
   """TrainState of a checkpoint as a dict of numpy arrays (any device topology)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, stage, str(step), "state")
-  with ocp.PyTreeCheckpointer() as c:
-    md = c.metadata(path)
-    tree = md.item_metadata.tree if hasattr(md, "item_metadata") else md
-    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return c.restore(path, restore_args=args)
+  return checkpoint.load_numpy(os.path.join(workdir, stage), step)
 
 
 def _equal(a, b):
