@@ -14,9 +14,9 @@ backgrounds). Two measures keep the result accurate and in range:
   kinks, so the contrast-structure term lies in [-1, 1] even after float32
   rounding.
 
-All functions take float32 `[B, H, W, C]` and return float32 maps of the
-blur's output size (`[B, H-K+1, W-K+1, C]` for 'valid', `[B, H, W, C]` for
-'same').
+All functions take float32 `[B, H, W, C]` (`local_stats` also `[B, C, H, W]`
+with `layout="NCHW"`) and return float32 maps of the blur's output size
+(`[B, H-K+1, W-K+1, C]` for 'valid', `[B, H, W, C]` for 'same').
 """
 
 from __future__ import annotations
