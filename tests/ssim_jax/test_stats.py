@@ -169,3 +169,17 @@ def test_clamp_moments_derivative_finite_at_the_kinks():
   assert float(g[0][0]) == 0.0 and float(g[1][0]) == 0.0
   # Clamped at the bound: cov does not move the output, the bound does.
   np.testing.assert_allclose(np.asarray(g[2])[[2, 3, 4, 5]], 0.0)
+
+
+def test_same_padding_bakes_no_image_sized_constant():
+  # The border mass of 'same' padding is an outer product built in the
+  # graph: an [H, W] host constant would be baked into every executable
+  # (8 MB and ~1.5 s of compile time at 1080p, benchmarks/README.md).
+  x = jnp.zeros((1, 96, 128, 1), jnp.float32)
+  text = jax.jit(lambda a, b: stats.local_stats(
+      a, b, kernel=KERNEL, padding="same", filter_method="auto")
+                 ).lower(x, x).as_text()
+  constants = [line for line in text.splitlines() if "constant" in line]
+  assert constants, "expected some constants in the lowered module"
+  assert not any("96x128" in line for line in constants), [
+      line[:120] for line in constants if "96x128" in line]
