@@ -5,6 +5,7 @@ one separable Gaussian blur of an image-sized map. This module owns that blur:
 
 - `gaussian_kernel` builds the normalised 1-D window;
 - `blur` applies it along H then W, with 'valid' or zero-'same' borders;
+- `blur_adjoint` applies its transpose (for analytic derivatives);
 - `choose_method` is the ONE place that decides which lowering runs.
 
 Lowerings (all compute the same separable filter; tests pin them to the
@@ -88,7 +89,8 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   derivative, autodiff of the clamps made the matmul backward so slow that
   slices won at 1080p; that is no longer so.) Other backends keep the
   reference convolution: cuDNN / TPU convolutions are fast there and no GPU
-  measurement exists yet.
+  measurement exists yet. (Whether the SSIM gradient is the fused analytic
+  one, rather than autodiff of these blurs, is `fused.choose_chunk`.)
 
   Args:
     shape: `[B, H, W, C]` of the image to be blurred.
@@ -230,15 +232,18 @@ def _blur_slices_fwd(x, taps, padding):
   return _blur_slices(x, taps, padding), None
 
 
+def _full_pad(g: jax.Array, k: int, padding: str) -> jax.Array:
+  """Adjoint of correlation with `taps` is correlation with the flipped taps:
+  'same' (zero padding) maps to 'same'; 'valid' maps to 'valid' on the
+  cotangent zero-padded by K-1 on both spatial (two minor) axes ('full')."""
+  if padding == "same":
+    return g
+  pads = [(0, 0)] * (g.ndim - 2) + [(k - 1, k - 1)] * 2
+  return jnp.pad(g, pads)
+
+
 def _blur_slices_bwd(taps, padding, _, g):
-  # Adjoint of correlation with `taps` is correlation with the flipped taps:
-  # 'same' (zero padding) maps to 'same'; 'valid' maps to 'valid' on the
-  # cotangent zero-padded by K-1 on both sides ('full').
-  flipped = taps[::-1]
-  k = len(taps)
-  if padding == "valid":
-    g = jnp.pad(g, [(0, 0), (k - 1, k - 1), (k - 1, k - 1)])
-  return (_blur_slices(g, flipped, padding),)
+  return (_blur_slices(_full_pad(g, len(taps), padding), taps[::-1], padding),)
 
 
 _blur_slices.defvjp(_blur_slices_fwd, _blur_slices_bwd)
@@ -304,3 +309,32 @@ def blur(
         f"method must be 'auto' or one of {METHODS}, got {method!r}")
   out = out.reshape((b, c) + out.shape[1:])
   return jnp.transpose(out, (0, 2, 3, 1)) if layout == "NHWC" else out
+
+
+def blur_adjoint(
+    g: jax.Array,
+    kernel: np.ndarray,
+    *,
+    padding: Padding = "valid",
+    method: Method | str = "auto",
+) -> jax.Array:
+  """Adjoint (transpose) of `blur(., kernel, padding=padding)` on NCHW maps.
+
+  For a cotangent `g` of the blurred maps, `blur_adjoint(g)` is the
+  cotangent of the input: the blur with the flipped kernel, on `g`
+  zero-padded by K-1 per side for 'valid' padding (so the result has the
+  input's size). Used by the analytic SSIM derivative (`fused`).
+
+  Args:
+    g: float32 `[B, C, H', W']`, blur output sized.
+    kernel: the 1-D window `[K]` of the forward blur.
+    padding: padding of the forward blur.
+    method: lowering, as in `blur`.
+
+  Returns:
+    float32 `[B, C, H, W]`, the forward blur's input size.
+  """
+  kernel = np.asarray(kernel, np.float32)
+  return blur(_full_pad(g, kernel.shape[0], padding),
+              np.ascontiguousarray(kernel[::-1]), padding=padding,
+              method=method, layout="NCHW")

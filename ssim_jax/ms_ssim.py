@@ -30,7 +30,6 @@ from ssim_jax import filters
 from ssim_jax import stats as stats_lib
 from ssim_jax.ssim import _align
 from ssim_jax.ssim import _setup
-from ssim_jax.ssim import _ssim_from_stats
 from ssim_jax.ssim import safe_ratio
 
 # Wang et al. 2003, the five standard scale weights.
@@ -127,7 +126,7 @@ def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
   else:
     st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
                                filter_method=filter_method)
-  luminance, cs = _ssim_from_stats(st, c1, c2)
+  luminance, cs = stats_lib.luminance_cs(st, c1, c2)
   if mask is None:
     weights = jnp.ones_like(cs)
   else:

@@ -44,6 +44,7 @@ import numpy as np
 
 from ssim_jax import checks
 from ssim_jax import filters
+from ssim_jax import fused
 from ssim_jax import stats as stats_lib
 
 
@@ -93,35 +94,6 @@ def _setup(x, y, *, data_range, window_size, sigma, k1, k2, padding, mask,
                 padding, mask_mode, filter_method)
 
 
-def _per_image(c: jax.Array) -> jax.Array:
-  """[B] -> [B, 1, 1, 1] for broadcasting against maps."""
-  return c[:, None, None, None]
-
-
-def _ssim_from_stats(st: stats_lib.LocalStats, c1: jax.Array,
-                     c2: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Luminance and contrast-structure maps, each in [-1, 1] exactly.
-
-  Args:
-    st: clamped local statistics, `[B, H', W', C]`.
-    c1: float32 `[B]`.
-    c2: float32 `[B]`.
-
-  Returns:
-    `(luminance, cs)` float32 `[B, H', W', C]`.
-  """
-  c1 = _per_image(c1)
-  c2 = _per_image(c2)
-  sq = st.mu_x * st.mu_x + st.mu_y * st.mu_y
-  # |2 mu_x mu_y| <= mu_x^2 + mu_y^2 in exact arithmetic; the clip makes it
-  # hold after rounding too (0.5 * sq is exact), so |l| <= 1 in float32.
-  half = 0.5 * sq
-  cross = jnp.clip(st.mu_x * st.mu_y, -half, half)
-  luminance = (2.0 * cross + c1) / (sq + c1)
-  cs = (2.0 * st.cov + c2) / ((st.var_x + st.var_y) + c2)
-  return luminance, cs
-
-
 def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
               c1: jax.Array, c2: jax.Array, padding: str,
               filter_method: str) -> jax.Array:
@@ -147,35 +119,8 @@ def _ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
   """
   st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
                              filter_method=filter_method, layout="NCHW")
-  luminance, cs = _ssim_from_stats(st, c1, c2)
+  luminance, cs = stats_lib.luminance_cs(st, c1, c2)
   return luminance * cs
-
-
-def _weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
-                       kernel: np.ndarray, c1: jax.Array, c2: jax.Array,
-                       padding: str, filter_method: str) -> jax.Array:
-  """Per image, sum over (H', W', C) of `map_weights * ssim_map`.
-
-  The single route of every non-foreground SSIM value (a fused
-  implementation can replace this body; keep it pure).
-
-  Args:
-    x: float32 `[B, H, W, C]`.
-    y: float32 `[B, H, W, C]`.
-    map_weights: float32, broadcastable to the map `[B, H', W', C]`
-      (already aligned to the map region; ones when there is no mask).
-    kernel: 1-D window `[K]`.
-    c1: float32 `[B]`.
-    c2: float32 `[B]`.
-    padding: "valid" or "same".
-    filter_method: lowering passed to `filters.blur`.
-
-  Returns:
-    float32 `[B]`.
-  """
-  smap = _ssim_map_nchw(_to_nchw(x), _to_nchw(y), kernel=kernel, c1=c1,
-                        c2=c2, padding=padding, filter_method=filter_method)
-  return jnp.sum(_to_nchw(map_weights) * smap, axis=(1, 2, 3))
 
 
 def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
@@ -183,7 +128,7 @@ def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
   st, local_mass = stats_lib.masked_local_stats(
       s.x, s.y, s.mask, kernel=s.kernel, padding=s.padding,
       filter_method=s.filter_method)
-  luminance, cs = _ssim_from_stats(st, s.c1, s.c2)
+  luminance, cs = stats_lib.luminance_cs(st, s.c1, s.c2)
   smap = luminance * cs
   weights = jnp.broadcast_to(_align(s.mask, s.kernel, s.padding), smap.shape)
   weights = jnp.where(local_mass > 0, weights, 0.0)
@@ -218,9 +163,18 @@ def _sums(s: _Setup) -> SSIMSums:
   else:
     map_weights = _align(s.mask, s.kernel, s.padding)
     mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=(1, 2, 3))
-  total = _weighted_ssim_sum(s.x, s.y, map_weights, kernel=s.kernel, c1=s.c1,
-                             c2=s.c2, padding=s.padding,
-                             filter_method=s.filter_method)
+  # The single route of every non-foreground SSIM value.
+  chunk = 0
+  if s.filter_method == "auto":
+    chunk = fused.choose_chunk(s.x.shape, kernel_size=s.kernel.shape[0],
+                               padding=s.padding)
+  common = dict(kernel=s.kernel, c1=s.c1, c2=s.c2, padding=s.padding,
+                filter_method=s.filter_method)
+  if chunk:
+    total = fused.weighted_ssim_sum(s.x, s.y, map_weights,
+                                    planes_per_chunk=chunk, **common)
+  else:
+    total = fused.plain_weighted_ssim_sum(s.x, s.y, map_weights, **common)
   return SSIMSums(total, mass)
 
 
@@ -267,7 +221,10 @@ def ssim_map(
       the map does not depend on it (use `ssim` for the weighted mean); in
       "foreground" mode the map is computed from masked pixels only.
     mask_mode: "weighted" or "foreground".
-    filter_method: blur lowering, "auto" lets `filters.choose_method` pick.
+    filter_method: blur lowering. "auto" lets `filters.choose_method` pick
+      it, and `fused.choose_chunk` whether the gradient of the SSIM value
+      is the fused analytic one (`ssim_jax.fused`); a named lowering
+      ("conv", "matmul", "slices") runs under plain autodiff.
 
   Returns:
     float32 map `[B, H', W', C]` (no batch axis for `[H, W, C]` inputs),

@@ -117,6 +117,83 @@ def _spatial_axes(layout: str) -> tuple[int, int]:
   return (1, 2) if layout == "NHWC" else (2, 3)
 
 
+def centre(x: jax.Array, y: jax.Array, axes: tuple[int, int]
+           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Per-image, per-channel centring of an image pair.
+
+  Exact shift invariance of var/cov, and identical expressions for x and y,
+  so x == y gives identical statistics. The offsets are constants to the
+  derivative (stop_gradient): every statistic is exactly invariant to the
+  choice of offset, so this is the true gradient, and the backward pass
+  skips two reductions.
+
+  Args:
+    x: float32 image maps.
+    y: float32, same shape as `x`.
+    axes: the two spatial axes.
+
+  Returns:
+    `(xc, yc, ox, oy)`: centred maps and the offsets (keepdims).
+  """
+  ox = jax.lax.stop_gradient(jnp.mean(x, axis=axes, keepdims=True))
+  oy = jax.lax.stop_gradient(jnp.mean(y, axis=axes, keepdims=True))
+  return x - ox, y - oy, ox, oy
+
+
+def moment_maps(xc: jax.Array, yc: jax.Array) -> tuple[jax.Array, ...]:
+  """The five maps whose blurs are the SSIM moments: xc, yc, xc^2, yc^2, xc yc.
+  """
+  return xc, yc, xc * xc, yc * yc, xc * yc
+
+
+def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
+                       oy: jax.Array, *,
+                       border_mass: jax.Array | None) -> LocalStats:
+  """Clamped local statistics from the blurs of `moment_maps(xc, yc)`.
+
+  Elementwise, so it can be differentiated or evaluated per chunk of planes.
+
+  Args:
+    blurred: `(m_x, m_y, e_xx, e_yy, e_xy)`, blurs of the centred maps.
+    ox: offset of x (broadcastable, from `centre`).
+    oy: offset of y.
+    border_mass: None for 'valid' padding; for zero 'same' padding
+      `blur(ones)`, broadcastable to the maps (`_border_mass`).
+
+  Returns:
+    `LocalStats` of the uncentred images.
+  """
+  m_x, m_y, e_xx, e_yy, e_xy = blurred
+  var_x = e_xx - m_x * m_x
+  var_y = e_yy - m_y * m_y
+  cov = e_xy - m_x * m_y
+  if border_mass is None:
+    return _clamp(m_x + ox, m_y + oy, var_x, var_y, cov)
+  # Zero padding pads the *uncentred* image. With b1 = blur(ones) (< 1 only
+  # near the border) the uncentred moments are recovered exactly:
+  #   mu = m + o b1,  var += 2 o m (1-b1) + o^2 b1 (1-b1),
+  #   cov += (o_x m_y + o_y m_x)(1-b1) + o_x o_y b1 (1-b1).
+  # The terms are written symmetrically so that x == y stays bit-identical.
+  b1 = border_mass
+  rest = 1.0 - b1
+
+  def extra(o_a, m_a, o_b, m_b):
+    return (o_a * m_b * rest + o_b * m_a * rest) + o_a * o_b * (b1 * rest)
+
+  return _clamp(m_x + ox * b1, m_y + oy * b1,
+                var_x + extra(ox, m_x, ox, m_x),
+                var_y + extra(oy, m_y, oy, m_y),
+                cov + extra(ox, m_x, oy, m_y))
+
+
+def border_mass(height: int, width: int, kernel: np.ndarray, *,
+                layout: str) -> jax.Array:
+  """`_border_mass` shaped to broadcast against `[B, H, W, C]` or
+  `[B, C, H, W]` maps."""
+  b1 = _border_mass(height, width, kernel)
+  return b1[None, :, :, None] if layout == "NHWC" else b1[None, None]
+
+
 def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
                 padding: str, filter_method: str,
                 layout: str = "NHWC") -> LocalStats:
@@ -135,44 +212,43 @@ def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
     `LocalStats`, each `[B, H', W', C]` (or `[B, C, H', W']` for "NCHW").
   """
   axes = _spatial_axes(layout)
-  # Per-image, per-channel centring: exact shift invariance of var/cov, and
-  # identical expressions for x and y, so x == y gives identical statistics.
-  # The offsets are constants to the derivative (stop_gradient): every
-  # statistic below is exactly invariant to the choice of offset, so this is
-  # the true gradient, and the backward pass skips two reductions.
-  ox = jax.lax.stop_gradient(jnp.mean(x, axis=axes, keepdims=True))
-  oy = jax.lax.stop_gradient(jnp.mean(y, axis=axes, keepdims=True))
-  xc = x - ox
-  yc = y - oy
+  xc, yc, ox, oy = centre(x, y, axes)
   # Five separate blurs: on XLA CPU they measured faster forward+backward
   # than one blur of the channel-stacked maps (the concatenation and split
   # cost more than the extra launches).
-  m_x, m_y, e_xx, e_yy, e_xy = (
+  blurred = tuple(
       filters.blur(a, kernel, padding=padding, method=filter_method,
                    layout=layout)
-      for a in (xc, yc, xc * xc, yc * yc, xc * yc))
-  var_x = e_xx - m_x * m_x
-  var_y = e_yy - m_y * m_y
-  cov = e_xy - m_x * m_y
-  if padding == "valid":
-    return _clamp(m_x + ox, m_y + oy, var_x, var_y, cov)
-  # Zero padding pads the *uncentred* image. With b1 = blur(ones) (< 1 only
-  # near the border) the uncentred moments are recovered exactly:
-  #   mu = m + o b1,  var += 2 o m (1-b1) + o^2 b1 (1-b1),
-  #   cov += (o_x m_y + o_y m_x)(1-b1) + o_x o_y b1 (1-b1).
-  # The terms are written symmetrically so that x == y stays bit-identical.
-  h, w = (x.shape[a] for a in axes)
-  b1 = _border_mass(h, w, kernel)
-  b1 = b1[None, :, :, None] if layout == "NHWC" else b1[None, None]
-  rest = 1.0 - b1
+      for a in moment_maps(xc, yc))
+  b1 = None
+  if padding == "same":
+    b1 = border_mass(x.shape[axes[0]], x.shape[axes[1]], kernel,
+                     layout=layout)
+  return moments_from_blurs(blurred, ox, oy, border_mass=b1)
 
-  def extra(o_a, m_a, o_b, m_b):
-    return (o_a * m_b * rest + o_b * m_a * rest) + o_a * o_b * (b1 * rest)
 
-  return _clamp(m_x + ox * b1, m_y + oy * b1,
-                var_x + extra(ox, m_x, ox, m_x),
-                var_y + extra(oy, m_y, oy, m_y),
-                cov + extra(ox, m_x, oy, m_y))
+def luminance_cs(st: LocalStats, c1: jax.Array, c2: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """SSIM's luminance and contrast-structure maps, each in [-1, 1] exactly.
+
+  Args:
+    st: clamped local statistics, `[B, ...]` maps.
+    c1: float32 `[B]`, (k1 L)^2.
+    c2: float32 `[B]`, (k2 L)^2.
+
+  Returns:
+    `(luminance, cs)` float32, shaped like the maps of `st`.
+  """
+  c1 = c1.reshape((-1,) + (1,) * (st.mu_x.ndim - 1))
+  c2 = c2.reshape((-1,) + (1,) * (st.mu_x.ndim - 1))
+  sq = st.mu_x * st.mu_x + st.mu_y * st.mu_y
+  # |2 mu_x mu_y| <= mu_x^2 + mu_y^2 in exact arithmetic; the clip makes it
+  # hold after rounding too (0.5 * sq is exact), so |l| <= 1 in float32.
+  half = 0.5 * sq
+  cross = jnp.clip(st.mu_x * st.mu_y, -half, half)
+  luminance = (2.0 * cross + c1) / (sq + c1)
+  cs = (2.0 * st.cov + c2) / ((st.var_x + st.var_y) + c2)
+  return luminance, cs
 
 
 def masked_local_stats(

@@ -1,0 +1,254 @@
+"""Tests of ssim_jax.fused: the chunked analytic derivative of the SSIM sum.
+
+Every derivative of the fused route is compared with plain autodiff of the
+same sum (`fused.plain_weighted_ssim_sum`), which test_ssim pins to the
+textbook formula.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssim_jax
+from ssim_jax import filters
+from ssim_jax import fused
+
+_KERNEL = filters.gaussian_kernel(7, 1.5)
+
+
+def _pair(shape, seed=0, flat=True):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.0, 1.0, shape)
+  y = np.clip(x + rng.normal(0.0, 0.2, shape), 0.0, 1.0)
+  if flat:
+    # A flat patch: zero variances there exercise the clamp subgradients.
+    x[:, :5, :5, :] = 0.5
+    y[:, :5, :5, :] = 0.5
+  return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+
+def _consts(b, data_range=1.0):
+  return (jnp.full((b,), (0.01 * data_range) ** 2, jnp.float32),
+          jnp.full((b,), (0.03 * data_range) ** 2, jnp.float32))
+
+
+def _weights(shape, padding, masked, seed=1):
+  if not masked:
+    return jnp.ones((1, 1, 1, 1), jnp.float32)
+  b, h, w, _ = shape
+  k = _KERNEL.shape[0]
+  if padding == "valid":
+    h, w = h - k + 1, w - k + 1
+  return jnp.asarray(np.random.default_rng(seed).uniform(0, 2, (b, h, w, 1)),
+                     jnp.float32)
+
+
+def _both(shape, padding, method, chunk, masked=False):
+  """(fused, plain) as functions of (x, y, weights, c1, c2)."""
+  opts = dict(kernel=_KERNEL, padding=padding, filter_method=method)
+
+  def f(x, y, w, c1, c2):
+    return fused.weighted_ssim_sum(x, y, w, c1=c1, c2=c2,
+                                   planes_per_chunk=chunk, **opts)
+
+  def g(x, y, w, c1, c2):
+    return fused.plain_weighted_ssim_sum(x, y, w, c1=c1, c2=c2, **opts)
+
+  return f, g
+
+
+def _close(a, b, scale=None):
+  a, b = np.asarray(a), np.asarray(b)
+  scale = np.abs(b).max() if scale is None else scale
+  np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale + 1e-9)
+
+
+# Chunk sizes: one chunk, chunks that divide the planes, and chunks whose
+# last one is topped up with padding planes (7 planes in chunks of 3).
+@pytest.mark.parametrize("shape,chunk,padding,masked", [
+    ((2, 23, 30, 3), 6, "valid", False),
+    ((2, 23, 30, 3), 6, "same", True),
+    ((2, 23, 30, 3), 2, "valid", True),
+    ((2, 23, 30, 3), 2, "same", False),
+    ((7, 19, 17, 1), 3, "valid", False),
+    ((7, 19, 17, 1), 3, "same", True),
+])
+def test_value_and_gradients_match_autodiff(shape, chunk, padding, masked):
+  x, y = _pair(shape)
+  w = _weights(shape, padding, masked)
+  c1, c2 = _consts(shape[0])
+  f, g = _both(shape, padding, "matmul", chunk)
+
+  def loss(fn, a, b):
+    # Distinct per-image cotangents: the gradient maps must scale per image.
+    return jnp.sum(fn(a, b, w, c1, c2) * jnp.arange(1.0, shape[0] + 1.0))
+
+  v_f, (gx_f, gy_f) = jax.jit(jax.value_and_grad(
+      functools.partial(loss, f), argnums=(0, 1)))(x, y)
+  v_g, (gx_g, gy_g) = jax.jit(jax.value_and_grad(
+      functools.partial(loss, g), argnums=(0, 1)))(x, y)
+  np.testing.assert_allclose(v_f, v_g, rtol=1e-6)
+  _close(gx_f, gx_g)
+  _close(gy_f, gy_g)
+  assert np.abs(np.asarray(gx_g)).max() > 0
+  # One image differentiated at a time (the other's blurs are skipped).
+  _close(jax.grad(functools.partial(loss, f))(x, y), gx_g)
+  _close(jax.grad(functools.partial(loss, f), argnums=1)(x, y), gy_g)
+
+
+@pytest.mark.parametrize("method", filters.METHODS)
+def test_every_lowering(method):
+  shape = (1, 20, 26, 2)
+  x, y = _pair(shape, seed=2)
+  w = _weights(shape, "valid", False)
+  c1, c2 = _consts(1)
+  f, g = _both(shape, "valid", method, 1)
+  gf = jax.grad(lambda a: f(a, y, w, c1, c2)[0])(x)
+  gg = jax.grad(lambda a: g(a, y, w, c1, c2)[0])(x)
+  _close(gf, gg)
+
+
+def test_forward_mode_and_second_order():
+  shape = (2, 18, 21, 2)
+  # No flat patch: second derivatives are compared off the clamps' kinks.
+  x, y = _pair(shape, seed=3, flat=False)
+  w = _weights(shape, "same", True)
+  c1, c2 = _consts(2)
+  f, g = _both(shape, "same", "matmul", 2)
+  v = jnp.asarray(np.random.default_rng(4).normal(size=shape), jnp.float32)
+
+  def scalar(fn):
+    return lambda a: jnp.sum(fn(a, y, w, c1, c2))
+
+  # jvp (forward mode) == <grad, v>.
+  _, jv = jax.jvp(scalar(f), (x,), (v,))
+  np.testing.assert_allclose(jv, jnp.vdot(jax.grad(scalar(g))(x), v),
+                             rtol=1e-4)
+  # Hessian-vector product: the rule itself is differentiated.
+  hvp_f = jax.jit(lambda a, t: jax.jvp(jax.grad(scalar(f)), (a,), (t,))[1])
+  hvp_g = jax.jit(lambda a, t: jax.jvp(jax.grad(scalar(g)), (a,), (t,))[1])
+  hvp_f, hvp_g = hvp_f(x, v), hvp_g(x, v)
+  # Second derivatives in float32 differ by rounding in a few pixels
+  # (~0.3%); a wrong rule would be off by O(1).
+  err = np.linalg.norm(np.asarray(hvp_f - hvp_g))
+  assert err < 1e-3 * np.linalg.norm(np.asarray(hvp_g)), err
+
+
+def test_tangents_of_weights_and_constants_fall_back_to_autodiff():
+  shape = (2, 20, 20, 1)
+  x, y = _pair(shape, seed=5)
+  w = _weights(shape, "valid", True)
+  f, g = _both(shape, "valid", "matmul", 1)
+
+  def by_range(fn):
+    # data_range computed from the image: the constants depend on x.
+    def h(a, m):
+      c1, c2 = _consts(2, data_range=jnp.max(a, axis=(1, 2, 3)) + 0.5)
+      return jnp.sum(fn(a, y, m, c1, c2))
+    return h
+
+  gf = jax.grad(by_range(f), argnums=(0, 1))(x, w)
+  gg = jax.grad(by_range(g), argnums=(0, 1))(x, w)
+  _close(gf[0], gg[0])
+  _close(gf[1], gg[1])
+
+
+def test_vmap_of_gradient():
+  shape = (2, 16, 19, 1)
+  x, y = _pair(shape, seed=6)
+  w = _weights(shape, "valid", False)
+  c1, c2 = _consts(2)
+  f, g = _both(shape, "valid", "matmul", 1)
+
+  def grad_one(fn):
+    return jax.grad(lambda a, b: jnp.sum(fn(a[None], b[None], w, c1[:1],
+                                            c2[:1])))
+
+  _close(jax.jit(jax.vmap(grad_one(f)))(x, y),
+         jax.jit(jax.vmap(grad_one(g)))(x, y))
+
+
+def test_nan_propagates_to_value_and_gradient():
+  shape = (1, 16, 16, 1)
+  x, y = _pair(shape, seed=7)
+  x = x.at[0, 8, 8, 0].set(jnp.nan)
+  f, _ = _both(shape, "valid", "matmul", 1)
+  w = _weights(shape, "valid", False)
+  c1, c2 = _consts(1)
+  v, gx = jax.value_and_grad(lambda a: f(a, y, w, c1, c2)[0])(x)
+  assert np.isnan(v)
+  assert np.isnan(np.asarray(gx)).any()
+
+
+def test_choose_chunk():
+  big = (4, 256, 256, 3)
+  per = fused.choose_chunk(big, kernel_size=11, padding="valid",
+                           backend="cpu")
+  assert 1 <= per <= big[0] * big[3]
+  assert per * 256 * 256 <= fused._CHUNK_ELEMENTS
+  # Planes larger than a chunk: one plane per chunk.
+  assert fused.choose_chunk((1, 1080, 1920, 3), kernel_size=11,
+                            padding="same", backend="cpu") == 1
+  # Small maps, and backends without a measurement: plain autodiff.
+  assert fused.choose_chunk((64, 64, 64, 3), kernel_size=11,
+                            padding="valid", backend="cpu") == 0
+  assert fused.choose_chunk((1, 138, 400, 1), kernel_size=11,
+                            padding="valid", backend="cpu") == 0
+  assert fused.choose_chunk((1, 138, 400, 1), kernel_size=11,
+                            padding="same", backend="cpu") > 0
+  assert fused.choose_chunk(big, kernel_size=11, padding="valid",
+                            backend="gpu") == 0
+
+
+def _has_custom_jvp(fn, *args):
+  # The fused rule is the only custom_jvp taking symbolic zeros (the moment
+  # clamp's is another custom_jvp).
+  return "symbolic_zeros=True" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_api_routes_auto_through_the_fused_derivative():
+  shape = (1, 150, 141, 2)
+  x, y = _pair(shape, seed=8)
+
+  def loss(method):
+    return lambda a: ssim_jax.ssim_loss(a, y, filter_method=method)
+
+  assert _has_custom_jvp(loss("auto"), x)
+  # A named lowering runs under plain autodiff (the reference behaviour).
+  assert not _has_custom_jvp(loss("matmul"), x)
+  _close(jax.jit(jax.grad(loss("auto")))(x),
+         jax.jit(jax.grad(loss("matmul")))(x))
+  l1 = jax.jit(jax.grad(
+      lambda a: ssim_jax.l1_ssim_loss(a, y, filter_method="auto")))
+  l1_ref = jax.jit(jax.grad(
+      lambda a: ssim_jax.l1_ssim_loss(a, y, filter_method="matmul")))
+  _close(l1(x), l1_ref(x))
+
+
+def test_fused_gradient_keeps_less_memory():
+  # The backward pass keeps no residual maps; compiled temp memory of the
+  # gradient (XLA memory analysis) is below plain autodiff's.
+  shape = (2, 160, 160, 3)
+  x, y = _pair(shape, seed=9)
+  w = _weights(shape, "valid", False)
+  c1, c2 = _consts(2)
+  f, g = _both(shape, "valid", "matmul", 1)
+
+  def temp(fn):
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(fn(a, y, w, c1, c2))))
+    return grad.lower(x).compile().memory_analysis().temp_size_in_bytes
+
+  image = 4 * np.prod(shape)
+  assert temp(f) < 0.6 * temp(g), (temp(f) / image, temp(g) / image)
+
+
+def test_rejects_bad_chunk():
+  x, y = _pair((1, 16, 16, 1))
+  c1, c2 = _consts(1)
+  with pytest.raises(ValueError, match="planes_per_chunk"):
+    fused.weighted_ssim_sum(x, y, jnp.ones((1, 1, 1, 1)), kernel=_KERNEL,
+                            c1=c1, c2=c2, padding="valid",
+                            filter_method="matmul", planes_per_chunk=0)
