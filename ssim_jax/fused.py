@@ -57,7 +57,7 @@ def choose_chunk(shape: tuple[int, ...], *, kernel_size: int, padding: str,
 
   This is the one place where the choice is made (benchmarks/README.md,
   quiet 2-core CPU machine, `ssim_loss` forward+backward): the fused route
-  wins where both sides of the map exceed 128 pixels (16x256x256x3: -24%,
+  wins where both sides of the map exceed 128 pixels (16x256x256x3: -16..-24%,
   1x1080x1920x3 'same' + L1: -18%, 4x512x512x3: -16%; 1x1024x1024x1: equal)
   and loses on small planes (64x64x64x3: +40%, 32x128x128x3: +8%), where
   autodiff's transposed band gemms are cheap. No GPU measurement exists yet,
