@@ -46,7 +46,7 @@ def _weights(shape, padding, masked, seed=1):
                      jnp.float32)
 
 
-def _both(shape, padding, method, chunk, masked=False):
+def _both(padding, method, chunk):
   """(fused, plain) as functions of (x, y, weights, c1, c2)."""
   opts = dict(kernel=_KERNEL, padding=padding, filter_method=method)
 
@@ -58,6 +58,15 @@ def _both(shape, padding, method, chunk, masked=False):
     return fused.plain_weighted_ssim_sum(x, y, w, c1=c1, c2=c2, **opts)
 
   return f, g
+
+
+def _case(shape, *, seed, padding="valid", masked=False, chunk=1,
+          method="matmul", flat=True):
+  """Inputs `(x, y, w, c1, c2)` and the `(fused, plain)` functions."""
+  x, y = _pair(shape, seed=seed, flat=flat)
+  c1, c2 = _consts(shape[0])
+  return (x, y, _weights(shape, padding, masked), c1, c2), _both(
+      padding, method, chunk)
 
 
 def _close(a, b, scale=None):
@@ -77,10 +86,8 @@ def _close(a, b, scale=None):
     ((7, 19, 17, 1), 3, "same", True),
 ])
 def test_value_and_gradients_match_autodiff(shape, chunk, padding, masked):
-  x, y = _pair(shape)
-  w = _weights(shape, padding, masked)
-  c1, c2 = _consts(shape[0])
-  f, g = _both(shape, padding, "matmul", chunk)
+  (x, y, w, c1, c2), (f, g) = _case(shape, seed=0, padding=padding,
+                                     masked=masked, chunk=chunk)
 
   def loss(fn, a, b):
     # Distinct per-image cotangents: the gradient maps must scale per image.
@@ -101,11 +108,7 @@ def test_value_and_gradients_match_autodiff(shape, chunk, padding, masked):
 
 @pytest.mark.parametrize("method", filters.METHODS)
 def test_every_lowering(method):
-  shape = (1, 20, 26, 2)
-  x, y = _pair(shape, seed=2)
-  w = _weights(shape, "valid", False)
-  c1, c2 = _consts(1)
-  f, g = _both(shape, "valid", method, 1)
+  (x, y, w, c1, c2), (f, g) = _case((1, 20, 26, 2), seed=2, method=method)
   gf = jax.grad(lambda a: f(a, y, w, c1, c2)[0])(x)
   gg = jax.grad(lambda a: g(a, y, w, c1, c2)[0])(x)
   _close(gf, gg)
@@ -114,10 +117,8 @@ def test_every_lowering(method):
 def test_forward_mode_and_second_order():
   shape = (2, 18, 21, 2)
   # No flat patch: second derivatives are compared off the clamps' kinks.
-  x, y = _pair(shape, seed=3, flat=False)
-  w = _weights(shape, "same", True)
-  c1, c2 = _consts(2)
-  f, g = _both(shape, "same", "matmul", 2)
+  (x, y, w, c1, c2), (f, g) = _case(shape, seed=3, padding="same",
+                                     masked=True, chunk=2, flat=False)
   v = jnp.asarray(np.random.default_rng(4).normal(size=shape), jnp.float32)
 
   def scalar(fn):
@@ -138,10 +139,7 @@ def test_forward_mode_and_second_order():
 
 
 def test_tangents_of_weights_and_constants_fall_back_to_autodiff():
-  shape = (2, 20, 20, 1)
-  x, y = _pair(shape, seed=5)
-  w = _weights(shape, "valid", True)
-  f, g = _both(shape, "valid", "matmul", 1)
+  (x, y, w, _, _), (f, g) = _case((2, 20, 20, 1), seed=5, masked=True)
 
   def by_range(fn):
     # data_range computed from the image: the constants depend on x.
@@ -157,11 +155,7 @@ def test_tangents_of_weights_and_constants_fall_back_to_autodiff():
 
 
 def test_vmap_of_gradient():
-  shape = (2, 16, 19, 1)
-  x, y = _pair(shape, seed=6)
-  w = _weights(shape, "valid", False)
-  c1, c2 = _consts(2)
-  f, g = _both(shape, "valid", "matmul", 1)
+  (x, y, w, c1, c2), (f, g) = _case((2, 16, 19, 1), seed=6)
 
   def grad_one(fn):
     return jax.grad(lambda a, b: jnp.sum(fn(a[None], b[None], w, c1[:1],
@@ -172,12 +166,8 @@ def test_vmap_of_gradient():
 
 
 def test_nan_propagates_to_value_and_gradient():
-  shape = (1, 16, 16, 1)
-  x, y = _pair(shape, seed=7)
+  (x, y, w, c1, c2), (f, _) = _case((1, 16, 16, 1), seed=7)
   x = x.at[0, 8, 8, 0].set(jnp.nan)
-  f, _ = _both(shape, "valid", "matmul", 1)
-  w = _weights(shape, "valid", False)
-  c1, c2 = _consts(1)
   v, gx = jax.value_and_grad(lambda a: f(a, y, w, c1, c2)[0])(x)
   assert np.isnan(v)
   assert np.isnan(np.asarray(gx)).any()
@@ -232,10 +222,7 @@ def test_fused_gradient_keeps_less_memory():
   # The backward pass keeps no residual maps; compiled temp memory of the
   # gradient (XLA memory analysis) is below plain autodiff's.
   shape = (2, 160, 160, 3)
-  x, y = _pair(shape, seed=9)
-  w = _weights(shape, "valid", False)
-  c1, c2 = _consts(2)
-  f, g = _both(shape, "valid", "matmul", 1)
+  (x, y, w, c1, c2), (f, g) = _case(shape, seed=9)
 
   def temp(fn):
     grad = jax.jit(jax.grad(lambda a: jnp.sum(fn(a, y, w, c1, c2))))
