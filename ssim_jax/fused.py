@@ -213,16 +213,16 @@ def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
     out = jax.lax.map(body, chunks)
 
   def unchunk(a):
-    a = a.reshape((n_chunks * per,) + a.shape[2:])[:n]
-    return a
+    # [n_chunks, per, ...] -> [n, ...], padding planes dropped.
+    return a.reshape((n_chunks * per,) + a.shape[2:])[:n]
+
+  def to_nhwc(g):
+    if g is None:
+      return None
+    return jnp.transpose(unchunk(g).reshape(b, c, h, w), (0, 2, 3, 1))
 
   value = unchunk(out[0]).reshape(b, c).sum(axis=1)
-  grads = [None, None]
-  for i in (1, 2):
-    if out[i] is not None:
-      grads[i - 1] = jnp.transpose(unchunk(out[i]).reshape(b, c, h, w),
-                                   (0, 2, 3, 1))
-  return value, grads[0], grads[1]
+  return value, to_nhwc(out[1]), to_nhwc(out[2])
 
 
 def _chunk_value_and_grads(x, y, weights, c1, c2, *, static: _Static,

@@ -216,6 +216,18 @@ def test_api_routes_auto_through_the_fused_derivative():
   l1_ref = jax.jit(jax.grad(
       lambda a: ssim_jax.l1_ssim_loss(a, y, filter_method="matmul")))
   _close(l1(x), l1_ref(x))
+  # A weighted mask and per-image data_range take the fused route too.
+  m = jnp.asarray(np.random.default_rng(10).uniform(0, 1, shape[:3] + (1,)),
+                  jnp.float32)
+
+  def masked(method):
+    return jax.jit(jax.grad(lambda a: ssim_jax.ssim_loss(
+        a, y, mask=m, data_range=jnp.asarray([2.0]), filter_method=method)))
+
+  assert _has_custom_jvp(
+      lambda a: ssim_jax.ssim_loss(a, y, mask=m, data_range=jnp.asarray([2.0])),
+      x)
+  _close(masked("auto")(x), masked("matmul")(x))
 
 
 def test_fused_gradient_keeps_less_memory():
