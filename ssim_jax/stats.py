@@ -14,9 +14,13 @@ backgrounds). Two measures keep the result accurate and in range:
   kinks, so the contrast-structure term lies in [-1, 1] even after float32
   rounding.
 
-All functions take float32 `[B, H, W, C]` (`local_stats` also `[B, C, H, W]`
-with `layout="NCHW"`) and return float32 maps of the blur's output size
-(`[B, H-K+1, W-K+1, C]` for 'valid', `[B, H, W, C]` for 'same').
+`local_stats` and `masked_local_stats` take float32 `[B, H, W, C]`
+(`local_stats` also `[B, C, H, W]` with `layout="NCHW"`) and return float32
+maps of the blur's output size (`[B, H-K+1, W-K+1, C]` for 'valid',
+`[B, H, W, C]` for 'same'). `local_stats` is three steps, public so that the
+fused derivative (`ssim_jax.fused`) can run them per chunk and differentiate
+the last one alone: `centre`, five blurs of `moment_maps`, and the elementwise
+`moments_from_blurs`. `luminance_cs` turns statistics into SSIM's two factors.
 """
 
 from __future__ import annotations
