@@ -98,29 +98,10 @@ def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
               c1: jax.Array, c2: jax.Array, padding: str,
               filter_method: str) -> jax.Array:
   """SSIM map of float32 `[B, H, W, C]` images -> `[B, H', W', C]`."""
-  return jnp.transpose(_ssim_map_nchw(_to_nchw(x), _to_nchw(y), kernel=kernel,
-                                      c1=c1, c2=c2, padding=padding,
-                                      filter_method=filter_method),
-                       (0, 2, 3, 1))
-
-
-def _to_nchw(a: jax.Array) -> jax.Array:
-  return jnp.transpose(a, (0, 3, 1, 2))
-
-
-def _ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
-                   c1: jax.Array, c2: jax.Array, padding: str,
-                   filter_method: str) -> jax.Array:
-  """SSIM map of `[B, C, H, W]` images -> `[B, C, H', W']`.
-
-  The SSIM routes convert the two images to NCHW once, so the ten blurs of
-  a value and its gradient run without transposes (benchmarks/README.md:
-  about 2x faster forward at 1x1024x1024x1 on CPU).
-  """
-  st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
-                             filter_method=filter_method, layout="NCHW")
-  luminance, cs = stats_lib.luminance_cs(st, c1, c2)
-  return luminance * cs
+  return jnp.transpose(
+      fused.ssim_map_nchw(fused.to_nchw(x), fused.to_nchw(y), kernel=kernel,
+                          c1=c1, c2=c2, padding=padding,
+                          filter_method=filter_method), (0, 2, 3, 1))
 
 
 def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
