@@ -249,13 +249,9 @@ def _chunk_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
   kernel = static.kernel
   # Each plane is an image with one channel: NCHW `[n, 1, H, W]`.
   xc, yc, ox, oy = stats_lib.centre(x[:, None], y[:, None], (2, 3))
-  blurred = tuple(
-      filters.blur(a, kernel, padding=static.padding,
-                   method=static.filter_method, layout="NCHW")
-      for a in stats_lib.moment_maps(xc, yc))
-  b1 = None
-  if static.padding == "same":
-    b1 = stats_lib.border_mass(x.shape[1], x.shape[2], kernel, layout="NCHW")
+  blurred, b1 = stats_lib.blurred_moments(
+      xc, yc, kernel=kernel, padding=static.padding,
+      filter_method=static.filter_method, layout="NCHW")
   weights = (weights[:, None, None, None] if scalar_weight
              else weights[:, None])
 

@@ -19,8 +19,8 @@ backgrounds). Two measures keep the result accurate and in range:
 maps of the blur's output size (`[B, H-K+1, W-K+1, C]` for 'valid',
 `[B, H, W, C]` for 'same'). `local_stats` is three steps, public so that the
 fused derivative (`ssim_jax.fused`) can run them per chunk and differentiate
-the last one alone: `centre`, five blurs of `moment_maps`, and the elementwise
-`moments_from_blurs`. `luminance_cs` turns statistics into SSIM's two factors.
+the last one alone: `centre`, `blurred_moments` (the five blurs), and the
+elementwise `moments_from_blurs`. `luminance_cs` turns statistics into SSIM's two factors.
 """
 
 from __future__ import annotations
@@ -104,8 +104,10 @@ def _clamp(mu_x, mu_y, var_x, var_y, cov) -> LocalStats:
   return LocalStats(mu_x, mu_y, *clamp_moments(var_x, var_y, cov))
 
 
-def _border_mass(height: int, width: int, kernel: np.ndarray) -> jax.Array:
-  """blur(ones) under zero 'same' padding, float32 `[H, W]`.
+def _border_mass(height: int, width: int, kernel: np.ndarray, *,
+                 layout: str) -> jax.Array:
+  """blur(ones) under zero 'same' padding, float32 `[H, W]`, shaped to
+  broadcast against `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` maps.
 
   Built in the graph as the outer product of two host vectors: an `[H, W]`
   host constant would be baked into the executable (8 MB at 1080p) and
@@ -114,7 +116,8 @@ def _border_mass(height: int, width: int, kernel: np.ndarray) -> jax.Array:
   k = np.asarray(kernel, np.float64)
   bh = np.convolve(np.ones(height), k, mode="same").astype(np.float32)
   bw = np.convolve(np.ones(width), k, mode="same").astype(np.float32)
-  return jnp.asarray(bh)[:, None] * jnp.asarray(bw)[None, :]
+  b1 = jnp.asarray(bh)[:, None] * jnp.asarray(bw)[None, :]
+  return b1[None, :, :, None] if layout == "NHWC" else b1[None, None]
 
 
 def _spatial_axes(layout: str) -> tuple[int, int]:
@@ -144,16 +147,42 @@ def centre(x: jax.Array, y: jax.Array, axes: tuple[int, int]
   return x - ox, y - oy, ox, oy
 
 
-def moment_maps(xc: jax.Array, yc: jax.Array) -> tuple[jax.Array, ...]:
-  """The five maps whose blurs are the SSIM moments: xc, yc, xc^2, yc^2, xc yc.
+def blurred_moments(xc: jax.Array, yc: jax.Array, *, kernel: np.ndarray,
+                    padding: str, filter_method: str, layout: str
+                    ) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
+  """Blurs of the five moment maps xc, yc, xc^2, yc^2, xc yc.
+
+  Args:
+    xc: centred float32 maps (`centre`), `[B, H, W, C]` or `[B, C, H, W]`.
+    yc: same shape.
+    kernel: 1-D window `[K]`.
+    padding: "valid" or "same".
+    filter_method: lowering passed to `filters.blur`.
+    layout: "NHWC" or "NCHW".
+
+  Returns:
+    `(blurred, border_mass)`: the five blurred maps `(m_x, m_y, e_xx, e_yy,
+    e_xy)` and, for 'same' padding, `blur(ones)` broadcastable to them
+    (None for 'valid'); the arguments of `moments_from_blurs`.
   """
-  return xc, yc, xc * xc, yc * yc, xc * yc
+  # Five separate blurs: on XLA CPU they measured faster forward+backward
+  # than one blur of the channel-stacked maps (the concatenation and split
+  # cost more than the extra launches).
+  blurred = tuple(
+      filters.blur(a, kernel, padding=padding, method=filter_method,
+                   layout=layout)
+      for a in (xc, yc, xc * xc, yc * yc, xc * yc))
+  if padding == "valid":
+    return blurred, None
+  axes = _spatial_axes(layout)
+  return blurred, _border_mass(xc.shape[axes[0]], xc.shape[axes[1]], kernel,
+                               layout=layout)
 
 
 def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
                        oy: jax.Array, *,
                        border_mass: jax.Array | None) -> LocalStats:
-  """Clamped local statistics from the blurs of `moment_maps(xc, yc)`.
+  """Clamped local statistics from `blurred_moments`.
 
   Elementwise, so it can be differentiated or evaluated per chunk of planes.
 
@@ -162,7 +191,7 @@ def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
     ox: offset of x (broadcastable, from `centre`).
     oy: offset of y.
     border_mass: None for 'valid' padding; for zero 'same' padding
-      `blur(ones)`, broadcastable to the maps (`_border_mass`).
+      `blur(ones)`, broadcastable to the maps (from `blurred_moments`).
 
   Returns:
     `LocalStats` of the uncentred images.
@@ -190,14 +219,6 @@ def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
                 cov + extra(ox, m_x, oy, m_y))
 
 
-def border_mass(height: int, width: int, kernel: np.ndarray, *,
-                layout: str) -> jax.Array:
-  """`_border_mass` shaped to broadcast against `[B, H, W, C]` or
-  `[B, C, H, W]` maps."""
-  b1 = _border_mass(height, width, kernel)
-  return b1[None, :, :, None] if layout == "NHWC" else b1[None, None]
-
-
 def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
                 padding: str, filter_method: str,
                 layout: str = "NHWC") -> LocalStats:
@@ -217,17 +238,8 @@ def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
   """
   axes = _spatial_axes(layout)
   xc, yc, ox, oy = centre(x, y, axes)
-  # Five separate blurs: on XLA CPU they measured faster forward+backward
-  # than one blur of the channel-stacked maps (the concatenation and split
-  # cost more than the extra launches).
-  blurred = tuple(
-      filters.blur(a, kernel, padding=padding, method=filter_method,
-                   layout=layout)
-      for a in moment_maps(xc, yc))
-  b1 = None
-  if padding == "same":
-    b1 = border_mass(x.shape[axes[0]], x.shape[axes[1]], kernel,
-                     layout=layout)
+  blurred, b1 = blurred_moments(xc, yc, kernel=kernel, padding=padding,
+                                filter_method=filter_method, layout=layout)
   return moments_from_blurs(blurred, ox, oy, border_mass=b1)
 
 
