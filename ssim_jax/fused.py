@@ -6,8 +6,8 @@ foreground mask mode). Its derivative is written out instead of left to
 autodiff of the five blurs. With the blurred maps `m_x = B(xc)`,
 `e_xx = B(xc^2)`, `e_xy = B(xc yc)` (centred images, see `stats.centre`) and
 `P_* = d sum(w ssim) / d(blurred map)` (elementwise, so cheap to get from
-`jax.vjp` of `stats.moments_from_blurs` + `stats.luminance_cs`, clamp
-subgradients included), the gradient is
+`jax.vjp` of `stats.moments_from_blurs` + `stats.luminance_cs`, with the
+clamps' identity derivative), the gradient is
 
     d/dx = B^T[P_mx] + 2 xc B^T[P_exx] + yc B^T[P_exy]
     d/dy = B^T[P_my] + 2 yc B^T[P_eyy] + xc B^T[P_exy]

@@ -10,9 +10,10 @@ backgrounds). Two measures keep the result accurate and in range:
   before squaring; variance and covariance are shift invariant, and the
   uncentred local means (needed by the luminance term) get the offset back;
 - variances are clamped at 0 and the covariance at +-min(sqrt(var_x var_y),
-  (var_x + var_y) / 2), with a hand-written derivative that is finite at the
-  kinks, so the contrast-structure term lies in [-1, 1] even after float32
-  rounding.
+  (var_x + var_y) / 2), so the contrast-structure term lies in [-1, 1] even
+  after float32 rounding; the clamps' derivative is the identity (they are
+  inactive in exact arithmetic, see `clamp_moments`), so gradients do not
+  depend on how a CPU rounds.
 
 `local_stats` and `masked_local_stats` take float32 `[B, H, W, C]`
 (`local_stats` also `[B, C, H, W]` with `layout="NCHW"`) and return float32
@@ -59,9 +60,19 @@ def clamp_moments(var_x: jax.Array, var_y: jax.Array, cov: jax.Array
   The AM-GM bound makes 2|cov| <= var_x + var_y hold exactly in float32 too
   (0.5 * s is exact), so the contrast-structure term is in [-1, 1].
 
-  The derivative is a hand-written JVP (below): autodiff of the nested
-  max/sqrt/min/clip selects made the SSIM backward pass about 2x slower on
-  CPU (benchmarks/README.md), and it is only a chain of masks.
+  The derivative is the identity (a hand-written JVP, below): the clamps
+  correct rounding only. The statistics are moments of a probability
+  measure (the window; for zero 'same' padding the window plus its missing
+  mass at the value 0; for masks the normalised masked window), so in exact
+  arithmetic var >= 0 and |cov| <= sqrt(var_x var_y) <= (var_x + var_y) / 2
+  always hold and the clamp is inactive: SSIM is a smooth function of the
+  images and its derivative is that of the unclamped moments. A derivative
+  of the clamp itself would branch on rounding wherever the bound holds with
+  equality in exact arithmetic (windows in which y = x + const, e.g. a flat
+  patch at a zero-padded border): there the one-sided choice flipped with
+  the CPU's vector code (issue 12: gradient entries 0.091 vs 0.069 on
+  AVX-512 vs AVX2, where float64 gives 0.069). The identity is finite
+  everywhere and costs no backward work.
 
   Args:
     var_x: float32 map.
@@ -79,25 +90,7 @@ def clamp_moments(var_x: jax.Array, var_y: jax.Array, cov: jax.Array
 
 @clamp_moments.defjvp
 def _clamp_moments_jvp(primals, tangents):
-  var_x, var_y, cov = primals
-  d_vx, d_vy, d_cov = tangents
-  # One-sided derivatives at the kinks (0 at var == 0, the bound's at
-  # |cov| == bound): subgradients, finite everywhere.
-  d_vx = jnp.where(var_x > 0, d_vx, 0.0)
-  d_vy = jnp.where(var_y > 0, d_vy, 0.0)
-  var_x = jnp.maximum(var_x, 0.0)
-  var_y = jnp.maximum(var_y, 0.0)
-  geo = jnp.sqrt(var_x * var_y)
-  arith = 0.5 * (var_x + var_y)
-  use_geo = geo < arith
-  bound = jnp.where(use_geo, geo, arith)
-  # d sqrt(a b) = (b da + a db) / (2 sqrt(a b)); 0 where the product is 0.
-  d_geo = jnp.where(geo > 0, (var_y * d_vx + var_x * d_vy)
-                    * (0.5 / jnp.where(geo > 0, geo, 1.0)), 0.0)
-  d_bound = jnp.where(use_geo, d_geo, 0.5 * (d_vx + d_vy))
-  inside = jnp.abs(cov) < bound
-  out = (var_x, var_y, jnp.clip(cov, -bound, bound))
-  return out, (d_vx, d_vy, jnp.where(inside, d_cov, jnp.sign(cov) * d_bound))
+  return clamp_moments(*primals), tuple(tangents)
 
 
 def _clamp(mu_x, mu_y, var_x, var_y, cov) -> LocalStats:
