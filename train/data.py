@@ -2,15 +2,18 @@
 
 Task: a high-resolution (HR) crop `[H, W, 3]` and its low-resolution (LR)
 version `[H / scale, W / scale, 3]`, both float32 in [-1, 1]. The LR image is
-the AREA (box) downsampling of the HR crop: the mean over each `scale x scale`
-block, computed in float32 after converting to [-1, 1] (an exact, alias-free
-average; no interpolation kernel and no rounding to 8 bits).
+made by `train.degradations.degrade`: optional Gaussian blur, AREA (box)
+downsampling by `scale`, optional Gaussian noise and rounding to 8 bits
+(`data.blur_sigma`, `data.noise_level`, `data.lr_bits`; all off by default,
+which leaves the plain, exact area average). The noise of sample `i` at step
+`s` is seeded by `(seed, s, i)`, like its crop.
 
 Sources (`data_config.dir`, or `data_config.source`):
 
 - embedded (`dir == ""` or `source == "retina"`): crops of the retinal fundus
   photograph `skimage.data.retina()` (1411 x 1411 RGB, shipped with
-  scikit-image, no download). The bottom `val_fraction` of the rows is a
+  scikit-image, no download), optionally area-downscaled by
+  `data.retina_downscale` first. The bottom `val_fraction` of the rows is a
   held-out region: training crops lie entirely above it, validation crops
   entirely inside it, so they never share a pixel. Crops are drawn only where
   at least half of the crop is fundus (not black background).
@@ -54,6 +57,8 @@ import threading
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from train import degradations as deg_lib
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # Fraction of a retina crop that must be fundus (not the black background).
@@ -283,23 +288,6 @@ def _to_float(pixels: np.ndarray) -> np.ndarray:
   return pixels.astype(np.float32) * np.float32(2.0 / full) - np.float32(1.0)
 
 
-def area_downsample(hr: np.ndarray, scale: int) -> np.ndarray:
-  """Box (area) downsampling: mean over `scale x scale` blocks.
-
-  Args:
-    hr: float `[..., H, W, C]`, H and W divisible by `scale`.
-    scale: integer factor >= 1.
-
-  Returns:
-    float32 `[..., H / scale, W / scale, C]`.
-  """
-  *lead, h, w, c = hr.shape
-  if h % scale or w % scale:
-    raise ValueError(f"scale={scale} does not divide the image size {h}x{w}")
-  blocks = hr.reshape(*lead, h // scale, scale, w // scale, scale, c)
-  return blocks.mean(axis=(-4, -2), dtype=np.float32).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------
 # Regions and crop planning.
 
@@ -396,11 +384,15 @@ def _crop(store: _ImageStore, regions: Sequence[_Region], s: SampleSpec, size: i
 
 
 def _extract(store: _ImageStore, regions: Sequence[_Region], specs: Sequence[SampleSpec],
-             size: int, scale: int, where: str) -> Batch:
+             size: int, degradation: deg_lib.Degradation, where: str,
+             noise_seeds: Sequence[Sequence[int]]) -> Batch:
+  """HR crops of `specs` and their LR images; `noise_seeds[k]` seeds sample k's noise."""
   hr = np.empty((len(specs), size, size, 3), np.float32)
   for k, s in enumerate(specs):
     hr[k] = _to_float(_crop(store, regions, s, size, where))
-  return Batch(lowres=area_downsample(hr, scale), highres=hr)
+  rngs = ([np.random.default_rng(list(n)) for n in noise_seeds]
+          if degradation.random else None)
+  return Batch(lowres=deg_lib.degrade(hr, degradation, rngs), highres=hr)
 
 
 # ----------------------------------------------------------------------------
@@ -506,11 +498,20 @@ class BatchIterator(Iterator[Batch]):
 
 
 @functools.lru_cache(maxsize=4)
-def _retina_source(size: int, val_fraction: float):
-  """(store, train regions, val regions) of the embedded retina image (cached: immutable)."""
+def _retina_source(size: int, val_fraction: float, downscale: int = 1):
+  """(store, train regions, val regions) of the embedded retina image (cached: immutable).
+
+  `downscale` > 1 area-downsamples the 1411 x 1411 photograph first (2: 705 x
+  705, the resolution of the DRIVE / STARE fundus sets, where vessels are
+  dense), rounded back to 8 bits as a stored photograph would be.
+  """
   import skimage.data  # pylint: disable=g-import-not-at-top
 
   img = np.ascontiguousarray(skimage.data.retina()[..., :3]).astype(np.uint8)
+  if downscale > 1:
+    h, w = (img.shape[0] // downscale) * downscale, (img.shape[1] // downscale) * downscale
+    small = deg_lib.area_downsample(img[:h, :w].astype(np.float32), downscale)
+    img = np.clip(np.round(small), 0, 255).astype(np.uint8)
   h, w = img.shape[:2]
   split = h - int(round(val_fraction * h))
   train = _make_region(0, img, 0, split, w, size, _RETINA_MIN_FOREGROUND)
@@ -652,7 +653,9 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
       the embedded retina), optional `source` ("retina" | "folder"),
       `hr_size` (or `image_size`, default 64), `scale` (4), `num_val` (or
       `val_size`, 16), `val_fraction` (0.2), `prefetch` (2), `extensions`,
-      `cache_bytes` (folder images held in memory, 1 GiB).
+      `cache_bytes` (folder images held in memory, 1 GiB), the degradation
+      `blur_sigma` (0), `noise_level` (0), `lr_bits` (0) and
+      `retina_downscale` (1, the embedded source only).
     batch_size_per_process: samples each process gets per step.
     seed: training data seed (crop positions and flips).
     process_index / process_count: this process and the number of processes;
@@ -680,6 +683,14 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
   if not extensions or not all(isinstance(e, str) and e.strip(".") for e in extensions):
     raise ValueError(f"data.extensions must be non-empty file extensions, got {extensions!r}")
   cache_bytes = int(_cfg(data_config, ("cache_bytes",), DEFAULT_CACHE_BYTES))
+  degradation = deg_lib.check(deg_lib.Degradation(
+      scale=scale,
+      blur_sigma=_cfg(data_config, ("blur_sigma",), 0.0),
+      noise_level=_cfg(data_config, ("noise_level",), 0.0),
+      lr_bits=_cfg(data_config, ("lr_bits",), 0)))
+  downscale = _cfg(data_config, ("retina_downscale",), 1)
+  if isinstance(downscale, bool) or not isinstance(downscale, int) or downscale < 1:
+    raise ValueError(f"data.retina_downscale must be an int >= 1, got {downscale!r}")
 
   if size < 1 or scale < 1 or size % scale:
     raise ValueError(f"data.hr_size={size} must be a positive multiple of data.scale={scale}")
@@ -696,8 +707,11 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
 
   stats = DataStats(source=source)
   if source == "retina":
-    store, train_regions, val_regions = _retina_source(size, val_fraction)
+    store, train_regions, val_regions = _retina_source(size, val_fraction, downscale)
   elif source == "folder":
+    if downscale != 1:
+      raise ValueError(f"data.retina_downscale={downscale} applies to the embedded retina "
+                       "only; downscale the folder's images beforehand")
     if not root:
       raise ValueError("data.source='folder' needs data.dir (a folder of PNG/JPEG/TIFF)")
     store, train_regions, val_regions = _folder_source(root, size, val_fraction, extensions,
@@ -708,8 +722,9 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
   stats.val_images = len(val_regions)
 
   val_specs = _plan(np.random.default_rng(_VAL_SEED), val_regions, size, num_val, flips=False)
-  val = _extract(store, val_regions, val_specs, size, scale,
-                 f"data.dir={root!r} (validation)" if root else "retina")
+  val = _extract(store, val_regions, val_specs, size, degradation,
+                 f"data.dir={root!r} (validation)" if root else "retina",
+                 [(_VAL_SEED, k) for k in range(num_val)])
 
   global_batch = batch_size_per_process * process_count
   lo = process_index * batch_size_per_process
@@ -721,8 +736,9 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
     return _plan(rng, train_regions, size, global_batch, flips=flips, lo=lo, hi=hi)
 
   def make_batch(step: int) -> Batch:
-    return _extract(store, train_regions, plan_step(step), size, scale,
-                    f"data.dir={root!r} (training)" if root else "retina")
+    return _extract(store, train_regions, plan_step(step), size, degradation,
+                    f"data.dir={root!r} (training)" if root else "retina",
+                    [(int(seed), int(step), k) for k in range(lo, hi)])
 
   def train_iter(start_step: int = 0) -> BatchIterator:
     if int(start_step) < 0:

@@ -277,6 +277,35 @@ def test_folder_errors_name_data_dir(tmp_path, case):
     data.make_datasets(_cfg(dir=str(root)), batch_size_per_process=1, seed=0)
 
 
+_DEGRADED = dict(blur_sigma=1.2, noise_level=4.0, lr_bits=8)
+
+
+def test_degraded_batches_are_sharded_resumed_and_held_out_alike():
+  # The noise of a sample is a function of (seed, step, sample): process
+  # shards compose the global batch and a resumed run sees the same LR.
+  single = data.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=4, seed=1)
+  shards = [data.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=2, seed=1,
+                               process_index=p, process_count=2) for p in range(2)]
+  g = _take(single.train_iter(0), 3)
+  p = [_take(s.train_iter(2), 1)[0] for s in shards]
+  np.testing.assert_array_equal(np.concatenate([p[0].lowres, p[1].lowres]), g[2].lowres)
+  # The LR image is degraded (not the plain area average) and 8-bit.
+  plain = g[2].highres.reshape(4, 8, 4, 8, 4, 3).mean(axis=(2, 4))
+  assert np.abs(g[2].lowres - plain).mean() > 2 / 255
+  levels = (g[2].lowres + 1) * 255 / 2
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
+  # Validation noise is fixed, independent of the training seed.
+  other = data.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=4, seed=9)
+  np.testing.assert_array_equal(single.val.lowres, other.val.lowres)
+
+
+def test_retina_downscale_halves_the_photograph():
+  ds = data.make_datasets(_cfg(retina_downscale=2), batch_size_per_process=1, seed=0)
+  (_, row0, row1), = ds.train_iter.train_regions
+  (_, v0, v1), = ds.train_iter.val_regions
+  assert v1 == 1411 // 2 and row0 == 0 and row1 == v0
+
+
 BAD_CONFIGS = [
     (dict(hr_size=30, scale=4), {}, "data.hr_size"),
     (dict(hr_size=0), {}, "data.hr_size"),
@@ -289,6 +318,12 @@ BAD_CONFIGS = [
     (dict(source="folder"), {}, "data.dir"),
     (dict(hr_size=2048, scale=4), {}, "data.hr_size"),
     (dict(extensions=()), {}, "data.extensions"),
+    (dict(blur_sigma=-0.5), {}, "data.blur_sigma"),
+    (dict(noise_level="5"), {}, "data.noise_level"),
+    (dict(lr_bits=20), {}, "data.lr_bits"),
+    (dict(retina_downscale=0), {}, "data.retina_downscale"),
+    (dict(source="folder", dir="/nonexistent", retina_downscale=2), {},
+     "data.retina_downscale"),
     (dict(), dict(batch_size_per_process=0), "batch_size_per_process"),
     (dict(), dict(process_index=2, process_count=2), "process_index"),
     (dict(), dict(process_index=-1, process_count=1), "process_index"),
