@@ -52,6 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.scale = 4  # low-resolution size = hr_size // scale
   c.data.num_val = 16  # held-out validation crops
   c.data.prefetch = 2  # host-side batches prefetched
+  # How the LR image is made (train/degradations.py): blur -> area x scale -> noise -> bits.
+  c.data.blur_sigma = 0.0  # Gaussian blur std, HR pixels (0: none)
+  c.data.noise_level = 0.0  # Gaussian noise std, 8-bit grey levels of 255 (0: none)
+  c.data.lr_bits = 0  # round the LR image to this many bits (0: keep float32)
+  c.data.retina_downscale = 1  # embedded retina: area-downscale the photograph first
 
   # --- Autoencoder (train/models/vae.py) and its stage.
   c.vae = ml_collections.ConfigDict()
@@ -75,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dit.depth = 4
   c.dit.num_heads = 4
   c.dit.mlp_ratio = 4
+  # A base model folder (`dit.save_pretrained`; a run writes one to
+  # WORKDIR/export/dit) to fine-tune from; "" trains the DiT from scratch.
+  c.dit.pretrained = ""
   c.flow = ml_collections.ConfigDict()
   c.flow.steps = 5000
   c.flow.learning_rate = 3e-4

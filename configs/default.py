@@ -14,9 +14,15 @@ from configs import base
 def get_config():
   c = base.get_config()
   c.batch_size = 8  # global; measured ~3.7 s/step at 16 on a 6x-oversubscribed 2-core box
-  c.vae.channels = (8, 16, 32)  # 64x64 -> 16x16x4 latents
+  # The task: x4 super-resolution of fundus crops at DRIVE-like resolution
+  # (the photograph downscaled x2) with a first-order degradation (README).
+  c.data.retina_downscale = 2
+  c.data.blur_sigma = 1.6
+  c.data.noise_level = 5.0
+  c.data.lr_bits = 8
+  c.vae.channels = (16, 32, 64)  # 64x64 -> 16x16x8 latents
   c.vae.norm_groups = 8
-  c.vae.latent_channels = 4
+  c.vae.latent_channels = 8
   c.vae.mid_attention = False
   c.vae.steps = 200
   c.vae.learning_rate = 2e-3

@@ -3,6 +3,9 @@
 Config fields are overridden with `--config.<field>=value`, e.g.
 `--config.ssim_loss_weight=0.5 --config.data.dir=/data/eyeq`.
 
+The console shows progress bars, one line per stage start and end, the final
+table and where the files are; `--verbosity=0` adds absl/orbax INFO logs.
+
 Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i`
 (or the `SSIM_JAX_*` environment variables, see train/distributed.py), or
 `--distributed_auto` for JAX's cluster auto-detection. `jax.distributed` is
@@ -34,6 +37,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # A clean console by default (progress bars, stage lines, the table);
+    # --verbosity=0 shows absl/orbax INFO (checkpoint saves, ...) again.
+    logging.set_verbosity(logging.WARNING)
   distributed.initialize(distributed.merge(
       distributed.DistributedConfig(_COORD.value, _NPROC.value, _PID.value, _CPU_COLL.value),
       distributed.from_env()), auto=_AUTO.value)

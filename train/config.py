@@ -112,6 +112,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _fail("data.hr_size", f"{hr} is not divisible by data.scale={scale}")
   _int(config, "data.num_val", minimum=1)
   _int(config, "data.prefetch", minimum=0)
+  _float(config, "data.blur_sigma", minimum=0.0)
+  _float(config, "data.noise_level", minimum=0.0)
+  if _int(config, "data.lr_bits", minimum=0) > 16:
+    _fail("data.lr_bits", f"must be in [0, 16] (0: no rounding), got {config.data.lr_bits}")
+  _int(config, "data.retina_downscale", minimum=1)
   if not isinstance(_get(config, "data.dir"), str):
     _fail("data.dir", "must be a string path ('' for the embedded retina data)")
   if win > hr:
@@ -154,6 +159,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _fail("dit.hidden_size", f"must be a multiple of 4 (sinusoidal embeddings), got {hidden}")
   _int(config, "dit.depth", minimum=1)
   _int(config, "dit.mlp_ratio", minimum=1)
+  _check_pretrained_dit(config)
   _int(config, "flow.steps", minimum=0)
   _float(config, "flow.learning_rate", strictly_positive=True)
   _int(config, "flow.warmup_steps", minimum=0)
@@ -174,3 +180,28 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   from train import faults  # pylint: disable=g-import-not-at-top
   faults.validate(config)  # config.faults (absent or empty = off)
   _int(config, "ckpt_max_to_keep", minimum=1)
+
+
+def _check_pretrained_dit(config) -> None:
+  """A base model to fine-tune must be the architecture the config builds."""
+  path = _get(config, "dit.pretrained")
+  if not isinstance(path, str):
+    _fail("dit.pretrained", f"must be a folder path string ('' for none), got {path!r}")
+  if not path:
+    return
+  from train.models import dit  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  cfg_path = os.path.join(path, dit.CONFIG_NAME)
+  if not os.path.isfile(cfg_path) or not os.path.isfile(os.path.join(path, dit.WEIGHTS_NAME)):
+    _fail("dit.pretrained", f"{path!r} is not a DiT folder ({dit.CONFIG_NAME} and "
+          f"{dit.WEIGHTS_NAME}, written by train.models.dit.save_pretrained)")
+  with open(cfg_path) as f:
+    saved = json.load(f)
+  built = {k: _get(config, f"dit.{k}") for k in dit.CONFIG_FIELDS if k != "latent_channels"}
+  built["latent_channels"] = _get(config, "vae.latent_channels")
+  for k in dit.CONFIG_FIELDS:
+    if saved.get(k) != built[k]:
+      field = "vae.latent_channels" if k == "latent_channels" else f"dit.{k}"
+      _fail(field, f"is {built[k]!r} but the base model in dit.pretrained={path!r} has "
+            f"{k}={saved.get(k)!r}")

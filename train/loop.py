@@ -14,6 +14,7 @@ Workdir layout:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -101,7 +102,26 @@ def build_models(config):
       hidden_size=config.dit.hidden_size, depth=config.dit.depth,
       num_heads=config.dit.num_heads, mlp_ratio=config.dit.mlp_ratio,
       rngs=nnx.Rngs(config.seed + 1)))
+  if config.dit.pretrained:  # fine-tuning: start from a base model's weights
+    dit = (dit[0], _load_params(dit[1], dit_lib.load_pretrained(config.dit.pretrained)[1],
+                                "dit.pretrained"), dit[2])
   return vae, dit
+
+
+def _load_params(template, loaded, field: str):
+  """`loaded` (nested dict of arrays) checked against `template`'s tree and shapes."""
+  want = dict(dit_lib._flatten(template))  # pylint: disable=protected-access
+  got = dict(dit_lib._flatten(loaded))  # pylint: disable=protected-access
+  if want.keys() != got.keys():
+    raise config_lib.ConfigError(
+        f"config.{field}: parameters do not match the model: missing "
+        f"{sorted(want.keys() - got.keys())[:4]}, unexpected {sorted(got.keys() - want.keys())[:4]}")
+  for name, v in want.items():
+    if np.shape(v) != np.shape(got[name]):
+      raise config_lib.ConfigError(f"config.{field}: {name} has shape {np.shape(got[name])}, "
+                                   f"the model needs {np.shape(v)}")
+  return jax.tree.map(lambda t, a: jnp.asarray(a, jnp.asarray(t).dtype), template,
+                      _str_keys(loaded))
 
 
 class Programs(NamedTuple):
@@ -303,6 +323,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     psnr, ssim = progs.recon(vae_params, step_lib.replicate(np.asarray(val.highres), mesh))
     results["vae"] = {"psnr": float(psnr), "ssim": float(ssim)}
     writer.write_scalars(total, {f"vae_eval/{k}": v for k, v in results["vae"].items()})
+    if config.flow.steps == 0:  # an autoencoder-only run (configs/vae_retina.py)
+      results["params"] = {"vae": vae_params}
+      if is_main:
+        print(f"\nVAE reconstruction of {len(val.highres)} held-out crops "
+              f"({config.data.hr_size}px): PSNR {results['vae']['psnr']:.2f} dB, "
+              f"SSIM {results['vae']['ssim']:.4f}")
+      return results
 
     # 5. Stage flow: the DiT with the frozen VAE (its params are a jit argument).
     total = config.flow.steps
@@ -314,10 +341,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     frozen = step_lib.replicate(vae_params, mesh)
     val_lowres = step_lib.replicate(np.asarray(val.lowres), mesh)
 
-    def evaluate(dit_params, step: int, name: str):
+    def evaluate(dit_params, step: int, name: str | None):
+      """Metrics vs bicubic; logged and drawn to eval/<name> unless name is None."""
       pred = np.asarray(progs.sampler(dit_params, frozen, val_lowres, jax.random.fold_in(key, 3)))
       metrics = eval_lib.evaluate_sr(pred, val.lowres, val.highres, scale=config.data.scale)
       # metrics = {"bicubic": {"psnr", "ssim", "ms_ssim"}, "model": {...}}
+      if name is None:
+        return metrics
       writer.write_scalars(step, {f"flow_eval/{method}_{k}": float(v)
                                   for method, row in metrics.items() for k, v in row.items()})
       if is_main:
@@ -351,10 +381,24 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     checkpointer.close()
     results["flow"] = evaluate(state.params, done, "final.png")
     results["params"] = {"vae": vae_params, "dit": state.params}
+    rows = dict(results["flow"])
+    if config.dit.pretrained:  # the base model, before this run's fine-tuning
+      results["base"] = evaluate(progs.dit[1], 0, None)["model"]
+      writer.write_scalars(done, {f"flow_eval/base_{k}": float(v)
+                                  for k, v in results["base"].items()})
+      rows = {"bicubic": rows["bicubic"], "base model (dit.pretrained)": results["base"],
+              "fine-tuned model": rows["model"]}
     if is_main:
+      export = os.path.join(workdir, "export", "dit")
+      dit_lib.save_pretrained(jax.device_get(state.params), export, model_config={
+          "latent_channels": config.vae.latent_channels,
+          **{k: config.dit[k] for k in dit_lib.CONFIG_FIELDS if k != "latent_channels"}})
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({"validation": {**rows, "vae reconstruction": results["vae"]},
+                   "num_val": len(val.highres), "skipped": results["skipped"]}, f, indent=2)
       print(f"\nValidation, {len(val.highres)} held-out crops, x{config.data.scale} "
             f"super-resolution ({config.data.hr_size}px):")
-      print(eval_lib.format_table({**results["flow"],
+      print(eval_lib.format_table({**rows,
                                    "vae reconstruction (upper bound)": results["vae"]}))
     return results
   finally:

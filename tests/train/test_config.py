@@ -8,7 +8,7 @@ import pytest
 from train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_FILES = ("base", "default", "pixel_only", "ssim_only", "mixed", "tiny")
+CONFIG_FILES = ("base", "default", "pixel_only", "ssim_only", "mixed", "tiny", "vae_retina")
 
 
 def load(name):
@@ -92,6 +92,29 @@ def test_bad_field_fails_with_its_name(overrides, field, ndev):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c, num_devices=ndev)
   assert str(e.value).startswith(f"config.{field}:"), str(e.value)
+
+
+def test_pretrained_dit_must_match_the_architecture(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from train.models import dit  # pylint: disable=g-import-not-at-top
+  cfg = load("tiny")
+  arch = dict(latent_channels=cfg.vae.latent_channels,
+              **{k: cfg.dit[k] for k in dit.CONFIG_FIELDS if k != "latent_channels"})
+  params = {"embed": {"kernel": np.ones((3, 2), np.float32)}, "out": {"bias": np.zeros(2)}}
+  dit.save_pretrained(params, str(tmp_path / "ok"), model_config=arch)
+  got_cfg, got = dit.load_pretrained(str(tmp_path / "ok"))
+  assert got_cfg == arch
+  np.testing.assert_array_equal(got["embed"]["kernel"], params["embed"]["kernel"])
+  cfg.dit.pretrained = str(tmp_path / "ok")
+  config_lib.validate(cfg, num_devices=8)
+  dit.save_pretrained(params, str(tmp_path / "wide"),
+                      model_config=dict(arch, hidden_size=arch["hidden_size"] * 2))
+  cfg.dit.pretrained = str(tmp_path / "wide")
+  with pytest.raises(config_lib.ConfigError, match="config.dit.hidden_size"):
+    config_lib.validate(cfg, num_devices=8)
+  cfg.dit.pretrained = str(tmp_path / "missing")
+  with pytest.raises(config_lib.ConfigError, match="config.dit.pretrained"):
+    config_lib.validate(cfg, num_devices=8)
 
 
 def test_missing_field_is_named():

@@ -1,6 +1,7 @@
 """End-to-end trainer tests on the tiny config: outputs, resume equality, SIGTERM save."""
 
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,23 @@ def test_end_to_end_writes_checkpoints_events_and_grid(reference_run):
   assert glob.glob(os.path.join(workdir, "logs", "**", "events.out.tfevents.*"), recursive=True)
   assert os.path.getsize(results["grid"]) > 0 and results["grid"].endswith(".png")
   assert results["skipped"] == {"vae": 0, "flow": 0}
+
+
+def test_fine_tuning_starts_from_the_exported_base_model(reference_run, tmp_path):
+  """A run's WORKDIR/export/dit is a base model: fine-tuning from it reports it as
+  the base row, which is exactly the run's own final model (same VAE and sampler)."""
+  workdir, ref = reference_run
+  export = os.path.join(workdir, "export", "dit")
+  cfg = tiny.get_config()
+  cfg.dit.pretrained = export
+  cfg.flow.steps = 2
+  out = loop.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2])
+  assert out["base"] == ref["flow"]["model"]
+  assert out["flow"]["model"] != ref["flow"]["model"]
+  with open(os.path.join(str(tmp_path), "results.json")) as f:
+    table = json.load(f)["validation"]
+  assert set(table) == {"bicubic", "base model (dit.pretrained)", "fine-tuned model",
+                        "vae reconstruction"}
 
 
 def test_resume_gives_identical_params(reference_run, tmp_path):

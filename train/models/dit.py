@@ -116,3 +116,75 @@ class DiT(nnx.Module):
     x = self.final_norm(x) * (1 + scale) + shift
     v = self.out(x)
     return flow.unpatchify(v, grid_hw=(h // p, w // p), patch_size=p).astype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Pretrained weights: a folder with `config.json` (the constructor's
+# arguments) and `model.safetensors` (parameters by their NNX path), numpy
+# only, so a shipped base model loads without the trainer's checkpoints.
+
+CONFIG_FIELDS = ("latent_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                 "mlp_ratio")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _flatten(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k in sorted(tree, key=str):
+      yield from _flatten(tree[k], prefix + (str(k),))
+  else:
+    yield ".".join(prefix), tree
+
+
+def save_pretrained(params, folder, *, model_config) -> None:
+  """Writes `params` (a pure dict, as the trainer holds them) and the model config.
+
+  Args:
+    params: nested dict of arrays, `nnx.split(dit, nnx.Param, ...)[1]` as a
+      pure dict.
+    folder: output folder (created).
+    model_config: mapping with the `CONFIG_FIELDS` (the `DiT` arguments).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(folder, exist_ok=True)
+  cfg = {k: int(model_config[k]) for k in CONFIG_FIELDS}
+  tensors = {name: np.ascontiguousarray(np.asarray(v, np.float32))
+             for name, v in _flatten(params)}
+  save_file(tensors, os.path.join(folder, WEIGHTS_NAME))
+  with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+    json.dump({"_class_name": "DiT", **cfg}, f, indent=2, sort_keys=True)
+
+
+def load_pretrained(folder) -> tuple[dict, dict]:
+  """`(model_config, params)` of a folder written by `save_pretrained`.
+
+  Raises:
+    ValueError: naming the file or field that is missing or malformed.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+  cfg_path = os.path.join(folder, CONFIG_NAME)
+  w_path = os.path.join(folder, WEIGHTS_NAME)
+  for p in (cfg_path, w_path):
+    if not os.path.isfile(p):
+      raise ValueError(f"dit.pretrained={str(folder)!r}: {os.path.basename(p)} not found")
+  with open(cfg_path) as f:
+    raw = json.load(f)
+  missing = [k for k in CONFIG_FIELDS if not isinstance(raw.get(k), int)]
+  if missing:
+    raise ValueError(f"dit.pretrained={str(folder)!r}: {CONFIG_NAME} lacks integer "
+                     f"fields {missing}")
+  params: dict = {}
+  for name, value in load_file(w_path).items():
+    node = params
+    *parents, leaf = name.split(".")
+    for k in parents:
+      node = node.setdefault(k, {})
+    node[leaf] = value
+  return {k: raw[k] for k in CONFIG_FIELDS}, params
