@@ -61,6 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Autoencoder (train/models/vae.py) and its stage.
   c.vae = ml_collections.ConfigDict()
   c.vae.enabled = True
+  # A diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors, or a
+  # pipeline folder with vae/): loaded frozen, the vae stage is skipped, its
+  # scaling/shift factors scale the flow latents. vae.latent_channels and the
+  # number of vae.channels levels must match it (checked); the other vae.* model
+  # fields are taken from its config.json. "" trains the VAE (stage vae).
+  c.vae.pretrained = ""
   c.vae.channels = (32, 64, 64)
   c.vae.latent_channels = 4
   c.vae.layers_per_block = 1  # ResNet blocks per encoder level (decoder: one more)

@@ -63,6 +63,37 @@ def _choice(config, field: str, choices) -> str:
   return v
 
 
+def _check_pretrained_vae(config, down: int) -> None:
+  """`vae.pretrained`: a readable diffusers VAE whose latents fit the model config.
+
+  Reads config.json only (no weights): latent channels and downsampling must
+  match `vae.latent_channels` and `vae.channels` (the DiT and the data
+  geometry are built from them), and the VAE must take and give RGB.
+  """
+  path = _get(config, "vae.pretrained")
+  if not isinstance(path, str):
+    _fail("vae.pretrained", f"must be a path string ('' trains the VAE), got {path!r}")
+  if not path:
+    return
+  from train.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
+  try:
+    kw = vae_lib.vae_kwargs_from_diffusers_config(vae_lib.locate_diffusers(path).config)
+  except (OSError, ValueError) as e:
+    _fail("vae.pretrained", str(e))
+  if kw["latent_channels"] != config.vae.latent_channels:
+    _fail("vae.latent_channels", f"is {config.vae.latent_channels} but the pretrained VAE "
+          f"{path!r} has latent_channels={kw['latent_channels']}; set "
+          f"--config.vae.latent_channels={kw['latent_channels']}")
+  pdown = 2 ** (len(kw["channels"]) - 1)
+  if pdown != down:
+    _fail("vae.channels", f"{len(config.vae.channels)} levels downsample by {down} but the "
+          f"pretrained VAE {path!r} downsamples by {pdown} (block_out_channels="
+          f"{list(kw['channels'])}); set --config.vae.channels='{tuple(kw['channels'])}'")
+  if kw["in_channels"] != 3 or kw["out_channels"] != 3:
+    _fail("vae.pretrained", f"{path!r} has in_channels={kw['in_channels']}, out_channels="
+          f"{kw['out_channels']}; the trainer's images are RGB (3)")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Checks a trainer config; raises `ConfigError` (a ValueError) naming the field.
 
@@ -144,6 +175,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _fail("vae.l1_weight", "vae.l1_weight and vae.ssim_weight are both 0: the VAE stage "
           "would have no reconstruction loss")
   down = 2 ** (len(chans) - 1)
+  _check_pretrained_vae(config, down)
   if hr % down:
     _fail("vae.channels", f"{len(chans)} levels downsample by {down}, which does not "
           f"divide data.hr_size={hr}")

@@ -31,6 +31,7 @@ from train import config as config_lib
 from train import data as data_lib
 from train import evaluate as eval_lib
 from train import faults as faults_lib
+from train import pretrained as pretrained_lib
 from train import step as step_lib
 from train import writer as writer_lib
 from train.models import dit as dit_lib
@@ -91,9 +92,20 @@ def _init_split(make_model):
   return graphdef, params, rest
 
 
-def build_models(config):
-  """`((vae graphdef, params, rest), (dit graphdef, params, rest))`, from config.seed."""
-  vae = _init_split(lambda: vae_lib.VAE(
+def _load_pretrained_vae(config, dtype):
+  """`(graphdef, params, rest)` of `config.vae.pretrained` (None when it is '')."""
+  if not config.vae.pretrained:
+    return None
+  return split_model(vae_lib.from_diffusers(config.vae.pretrained, dtype=dtype))
+
+
+def build_models(config, *, vae_dtype=jnp.float32):
+  """`((vae graphdef, params, rest), (dit graphdef, params, rest))`, from config.seed.
+
+  With `config.vae.pretrained` the VAE is loaded from that diffusers folder
+  in `vae_dtype` (float32 if it asks for `force_upcast`) instead.
+  """
+  vae = _load_pretrained_vae(config, vae_dtype) or _init_split(lambda: vae_lib.VAE(
       channels=tuple(config.vae.channels), latent_channels=config.vae.latent_channels,
       layers_per_block=config.vae.layers_per_block, norm_groups=config.vae.norm_groups,
       mid_attention=config.vae.mid_attention, rngs=nnx.Rngs(config.seed)))
@@ -151,17 +163,24 @@ def build_programs(config, mesh) -> Programs:
   `train_and_evaluate` again in the same process (a notebook, a resume test)
   reuses the compiled steps instead of tracing and compiling them again.
   """
+  weights = (vae_lib.locate_diffusers(config.vae.pretrained).weights
+             if config.vae.pretrained else None)
   cache_key = (config.to_json_best_effort(sort_keys=True),
-               tuple(d.id for d in mesh.devices.flat))
+               tuple(d.id for d in mesh.devices.flat),
+               (os.stat(weights).st_mtime_ns, os.stat(weights).st_size) if weights else None)
   if cache_key in _PROGRAMS:
     return _PROGRAMS[cache_key]
   compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
-  vae, dit = build_models(config)
+  vae, dit = build_models(config, vae_dtype=compute_dtype)
   vae_graphdef, vae_params, vae_rest = vae
+  # A trained VAE computes in compute_dtype; a pretrained one in its own dtype.
+  vae_dtype = nnx.merge(vae_graphdef, vae_params, vae_rest).dtype or compute_dtype
   dit_graphdef = dit[0]
   hr_shape = (config.batch_size, config.data.hr_size, config.data.hr_size, 3)
   latent_shape = step_lib.vae_latent_shape(vae_graphdef, vae_params, vae_rest, hr_shape)[1:]
   vae_tx, vae_schedule = make_optimizer(config, config.vae, config.vae.steps)
+  if config.vae.pretrained:
+    vae_tx = optax.set_to_zero()  # frozen: no optimizer state (its stage has 0 steps)
   vae_step = step_lib.make_train_step(
       step_lib.make_vae_loss(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype),
       vae_tx, mesh, make_inputs=step_lib.make_vae_inputs(latent_shape),
@@ -169,7 +188,7 @@ def build_programs(config, mesh) -> Programs:
   flow_tx, flow_schedule = make_optimizer(config, config.flow, config.flow.steps)
   flow_step = step_lib.make_train_step(
       step_lib.make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest,
-                              compute_dtype=compute_dtype),
+                              compute_dtype=compute_dtype, vae_dtype=vae_dtype),
       flow_tx, mesh, make_inputs=step_lib.make_flow_inputs(config, latent_shape),
       lr_schedule=flow_schedule)
   programs = Programs(
@@ -178,8 +197,8 @@ def build_programs(config, mesh) -> Programs:
       flow_state0=step_lib.init_state(dit[1], flow_tx),
       vae_step=vae_step, flow_tx=flow_tx, flow_schedule=flow_schedule, flow_step=flow_step,
       sampler=make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape,
-                           compute_dtype=compute_dtype),
-      recon=make_recon(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype))
+                           compute_dtype=compute_dtype, vae_dtype=vae_dtype),
+      recon=make_recon(config, vae_graphdef, vae_rest, compute_dtype=vae_dtype))
   _PROGRAMS.clear()  # keep one: programs hold compiled executables
   _PROGRAMS[cache_key] = programs
   return programs
@@ -280,6 +299,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
   config_lib.validate(config, num_devices=mesh.size)
   ckpt_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
+  # A pretrained VAE: provenance (path, sha256) checked against the workdir, recorded.
+  pretrained_lib.check_and_record(
+      workdir, pretrained_lib.describe(config.vae.pretrained) if config.vae.pretrained else None,
+      write=is_main)
   stop_after = dict(stop_after or {})
   stop_at = lambda stage, total: min(total, stop_after.get(stage, total))
 
@@ -300,7 +323,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
 
   try:
     # 4. Stage vae: restore (a finished stage is restored and skipped), train.
-    total = config.vae.steps
+    #    A pretrained VAE has no vae stage (0 steps): its loaded params go on frozen.
+    total = 0 if config.vae.pretrained else config.vae.steps
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "vae"),
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
@@ -406,12 +430,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
 
 
 def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
-                 compute_dtype):
+                 compute_dtype, vae_dtype=None):
   """jitted `sample(dit_params, vae_params, lowres, key) -> images [-1,1]`: ODE from noise."""
+  vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
 
   def sample(dit_params, vae_params, lowres, key):
     dit = nnx.merge(dit_graphdef, step_lib.cast_floating(dit_params, compute_dtype))
-    vae = nnx.merge(vae_graphdef, step_lib.cast_floating(vae_params, compute_dtype), vae_rest)
+    vae = nnx.merge(vae_graphdef, step_lib.cast_floating(vae_params, vae_dtype), vae_rest)
     noise = jax.random.normal(key, (lowres.shape[0],) + tuple(latent_shape), jnp.float32)
 
     def velocity_fn(x, t, cond):
@@ -419,7 +444,7 @@ def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
       return dit(x.astype(compute_dtype), t, cond).astype(jnp.float32)
 
     z0 = eval_lib.ode_sample(velocity_fn, noise, lowres, num_steps=config.eval_ode_steps)
-    return jnp.clip(step_lib.decode_latents(vae, z0, compute_dtype=compute_dtype), -1.0, 1.0)
+    return jnp.clip(step_lib.decode_latents(vae, z0, compute_dtype=vae_dtype), -1.0, 1.0)
 
   return jax.jit(sample)
 

@@ -254,7 +254,8 @@ def decode_latents(vae, z, *, compute_dtype):
   return vae.decode(z.astype(compute_dtype)).astype(jnp.float32)
 
 
-def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtype):
+def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtype,
+                   vae_dtype=None):
   """Stage `flow`: mse on the velocity + weighted pixel + SSIM via `decoded_losses`.
 
   Batch per device: `{'lowres', 'highres', 'noise', 't'}`; `frozen` = the VAE
@@ -265,18 +266,23 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
   so each device's local gradient carries n times its share and `pmean` of the
   local gradients is exactly the global gradient (checked numerically; the
   1-vs-8-device test pins it).
+
+  `vae_dtype` (default `compute_dtype`) is the frozen VAE's dtype: a pretrained
+  VAE runs in the dtype it was loaded in (float32 when it asks for
+  `force_upcast`), whatever the DiT computes in.
   """
   from ssim_jax import flow  # pylint: disable=g-import-not-at-top
   mse_w = float(config.mse_loss_weight)
   pix_w = float(config.pixel_loss_weight)
   ssim_w = float(config.ssim_loss_weight)
   decode = pix_w > 0 or ssim_w > 0
+  vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
 
   def loss_fn(params, batch, vae_params):
     dit = nnx.merge(dit_graphdef, cast_floating(params, compute_dtype))
-    vae = nnx.merge(vae_graphdef, cast_floating(vae_params, compute_dtype), vae_rest)
+    vae = nnx.merge(vae_graphdef, cast_floating(vae_params, vae_dtype), vae_rest)
     images = batch["highres"]
-    z0 = encode_latents(vae, images, compute_dtype=compute_dtype)
+    z0 = encode_latents(vae, images, compute_dtype=vae_dtype)
     noise, t = batch["noise"], batch["t"]
     x_t = flow.interpolate(z0, noise, t)
     v = flow.velocity_target(z0, noise)
@@ -290,7 +296,7 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
       weights = flow.timestep_weight(t, max_t=config.ssim_loss_max_t)
       out = flow.decoded_losses(
           z0_pred, images, weights,
-          lambda z: decode_latents(vae, z, compute_dtype=compute_dtype),
+          lambda z: decode_latents(vae, z, compute_dtype=vae_dtype),
           chunk_size=config.chunk_size, pixel_loss=config.pixel_loss_type,
           axis_name=AXIS, window_size=config.ssim_window_size)
       ssim_l, pixel_l, mass = out.ssim, out.pixel, out.weight_mass
