@@ -163,7 +163,7 @@ def test_cli_trains_a_flow_model_on_a_pretrained_vae_folder(vae_folder, tmp_path
              PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   workdir = str(tmp_path / "run")
   cmd = [sys.executable, "-m", "train", "--config=configs/tiny.py", f"--workdir={workdir}",
-         f"--config.vae.pretrained={vae_folder}"]
+         f"--config.vae.pretrained={vae_folder}", "--verbosity=0"]  # INFO: the sha256 line
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout + proc.stderr
