@@ -1,4 +1,4 @@
-"""The base super-resolution model shipped in `train/pretrained/retina_dit_base/`.
+"""The base super-resolution model shipped in `train/assets/retina_dit_base/`.
 
   python -m train --config=configs/flow_retina_base.py --workdir=runs/flow_retina_base
 
@@ -19,7 +19,7 @@ def get_config():
   c.mse_loss_weight = 1.0
   c.pixel_loss_weight = 0.0
   c.ssim_loss_weight = 0.0
-  c.flow.steps = 6000
+  c.flow.steps = 8000
   c.flow.learning_rate = 1e-3
   c.flow.warmup_steps = 200
   c.log_every = 100

@@ -1,10 +1,11 @@
-"""What the SSIM loss buys: pixel_only vs ssim_only vs mixed, 3 seeds each (not in CI).
+"""What the SSIM loss buys: mse_only vs pixel_only vs ssim_only vs mixed, 3 seeds each (not in CI).
 
   python scripts/ablation.py [--seeds 0 1 2] [--workdir runs/ablation] [--set FIELD=VALUE ...]
 
 Each run is the README's main job (`configs/default.py`: fine-tune the shipped
 base model on the shipped VAE) with only the flow loss weights changed by
-`configs/{pixel_only,ssim_only,mixed}.py`: the same data, steps and seeds.
+`configs/{mse_only,pixel_only,ssim_only,mixed}.py`: the same data, steps and
+seeds (mse_only, no decoded loss, is the control: what the steps alone buy).
 Runs are separate `python -m train` processes (resumed if their workdir
 exists); each writes `results.json`, and this script prints PSNR / SSIM /
 MS-SSIM on the held-out crops as mean +- std over seeds, plus the base model
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-CONFIGS = ("pixel_only", "ssim_only", "mixed")
+CONFIGS = ("mse_only", "pixel_only", "ssim_only", "mixed")
 METRICS = ("psnr", "ssim", "ms_ssim")
 
 

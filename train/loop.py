@@ -30,6 +30,7 @@ from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import data as data_lib
 from train import evaluate as eval_lib
+from train import export as export_lib
 from train import faults as faults_lib
 from train import pretrained as pretrained_lib
 from train import step as step_lib
@@ -204,6 +205,13 @@ def build_programs(config, mesh) -> Programs:
   return programs
 
 
+def _say(msg: str) -> None:
+  """One console line (process 0), beside the progress bars; also logged."""
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def _abstract(tree, mesh):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
@@ -329,7 +337,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
     state = _restore(checkpointer, step_lib.replicate(progs.vae_state0, mesh), mesh)
-    logging.info("stage vae: step %d of %d", int(state.step), total)
+    t_stage = time.perf_counter()
+    if total:
+      _say(f"stage vae: {total} steps" + (f", resuming at step {int(state.step)}"
+                                          if int(state.step) else ""))
     state, preempted = _run_stage(
         "vae", config, state=state, train_step=progs.vae_step,
         make_batch=lambda b: {"image": b.highres}, frozen={}, key=jax.random.fold_in(key, 1),
@@ -347,12 +358,21 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     psnr, ssim = progs.recon(vae_params, step_lib.replicate(np.asarray(val.highres), mesh))
     results["vae"] = {"psnr": float(psnr), "ssim": float(ssim)}
     writer.write_scalars(total, {f"vae_eval/{k}": v for k, v in results["vae"].items()})
+    _say(f"stage vae: {'pretrained ' + config.vae.pretrained if config.vae.pretrained else 'done'}"
+         f", held-out reconstruction PSNR {psnr:.2f} dB, SSIM {ssim:.4f} "
+         f"({time.perf_counter() - t_stage:.0f} s)")
+    if is_main and not config.vae.pretrained:
+      with datasets.train_iter(0) as it:
+        crops = [next(it).highres for _ in range(
+            -(-export_lib.LATENT_STAT_IMAGES // (config.batch_size // nproc)))]
+      try:
+        folder = export_lib.export_vae(
+            nnx.merge(vae_graphdef, jax.device_get(vae_params), vae_rest), crops, workdir)
+        _say(f"stage vae: exported to {folder}")
+      except ValueError as e:  # an architecture diffusers cannot express: keep training
+        logging.warning("stage vae: not exported as a diffusers folder: %s", e)
     if config.flow.steps == 0:  # an autoencoder-only run (configs/vae_retina.py)
       results["params"] = {"vae": vae_params}
-      if is_main:
-        print(f"\nVAE reconstruction of {len(val.highres)} held-out crops "
-              f"({config.data.hr_size}px): PSNR {results['vae']['psnr']:.2f} dB, "
-              f"SSIM {results['vae']['ssim']:.4f}")
       return results
 
     # 5. Stage flow: the DiT with the frozen VAE (its params are a jit argument).
@@ -361,7 +381,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
     state = _restore(checkpointer, step_lib.replicate(progs.flow_state0, mesh), mesh)
-    logging.info("stage flow: step %d of %d", int(state.step), total)
+    t_stage = time.perf_counter()
+    _say(f"stage flow: {total} steps, "
+         + (f"fine-tuning {config.dit.pretrained}" if config.dit.pretrained else "from scratch")
+         + (f", resuming at step {int(state.step)}" if int(state.step) else ""))
     frozen = step_lib.replicate(vae_params, mesh)
     val_lowres = step_lib.replicate(np.asarray(val.lowres), mesh)
 
@@ -403,6 +426,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       results["preempted"] = True
       return results
     checkpointer.close()
+    _say(f"stage flow: done ({time.perf_counter() - t_stage:.0f} s)")
     results["flow"] = evaluate(state.params, done, "final.png")
     results["params"] = {"vae": vae_params, "dit": state.params}
     rows = dict(results["flow"])
@@ -413,10 +437,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       rows = {"bicubic": rows["bicubic"], "base model (dit.pretrained)": results["base"],
               "fine-tuned model": rows["model"]}
     if is_main:
-      export = os.path.join(workdir, "export", "dit")
-      dit_lib.save_pretrained(jax.device_get(state.params), export, model_config={
-          "latent_channels": config.vae.latent_channels,
-          **{k: config.dit[k] for k in dit_lib.CONFIG_FIELDS if k != "latent_channels"}})
+      export_lib.export_dit(state.params, config, workdir)
       with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump({"validation": {**rows, "vae reconstruction": results["vae"]},
                    "num_val": len(val.highres), "skipped": results["skipped"]}, f, indent=2)
@@ -424,6 +445,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
             f"super-resolution ({config.data.hr_size}px):")
       print(eval_lib.format_table({**rows,
                                    "vae reconstruction (upper bound)": results["vae"]}))
+      print(f"\nFiles in {workdir}: eval/final.png (lowres | bicubic | model | target | "
+            "SSIM map), results.json, logs/ (TensorBoard), export/ (models to reuse), "
+            "vae/ flow/ (checkpoints)")
     return results
   finally:
     writer.close()

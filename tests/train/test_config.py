@@ -8,7 +8,8 @@ import pytest
 from train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_FILES = ("base", "default", "pixel_only", "ssim_only", "mixed", "tiny", "vae_retina")
+CONFIG_FILES = ("base", "default", "pixel_only", "ssim_only", "mixed", "tiny", "vae_retina", "mse_only",
+                "flow_retina_base")
 
 
 def load(name):

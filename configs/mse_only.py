@@ -1,0 +1,16 @@
+"""Flow loss without decoded terms (velocity mse only): the control of scripts/ablation.py.
+
+  python -m train --config=configs/mse_only.py --workdir=/tmp/ssim_sr_mse
+
+Fine-tuning the base model with its own training loss shows what further
+steps alone buy, so the pixel and SSIM arms can be read against it.
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.pixel_loss_weight = 0.0
+  c.ssim_loss_weight = 0.0
+  return c
