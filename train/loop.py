@@ -116,25 +116,12 @@ def build_models(config, *, vae_dtype=jnp.float32):
       num_heads=config.dit.num_heads, mlp_ratio=config.dit.mlp_ratio,
       rngs=nnx.Rngs(config.seed + 1)))
   if config.dit.pretrained:  # fine-tuning: start from a base model's weights
-    dit = (dit[0], _load_params(dit[1], dit_lib.load_pretrained(config.dit.pretrained)[1],
-                                "dit.pretrained"), dit[2])
+    try:
+      _, params = dit_lib.load_pretrained(config.dit.pretrained, like=dit[1])
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.{e}") from None
+    dit = (dit[0], params, dit[2])
   return vae, dit
-
-
-def _load_params(template, loaded, field: str):
-  """`loaded` (nested dict of arrays) checked against `template`'s tree and shapes."""
-  want = dict(dit_lib._flatten(template))  # pylint: disable=protected-access
-  got = dict(dit_lib._flatten(loaded))  # pylint: disable=protected-access
-  if want.keys() != got.keys():
-    raise config_lib.ConfigError(
-        f"config.{field}: parameters do not match the model: missing "
-        f"{sorted(want.keys() - got.keys())[:4]}, unexpected {sorted(got.keys() - want.keys())[:4]}")
-  for name, v in want.items():
-    if np.shape(v) != np.shape(got[name]):
-      raise config_lib.ConfigError(f"config.{field}: {name} has shape {np.shape(got[name])}, "
-                                   f"the model needs {np.shape(v)}")
-  return jax.tree.map(lambda t, a: jnp.asarray(a, jnp.asarray(t).dtype), template,
-                      _str_keys(loaded))
 
 
 class Programs(NamedTuple):

@@ -113,6 +113,11 @@ def test_pretrained_dit_must_match_the_architecture(tmp_path):
   cfg.dit.pretrained = str(tmp_path / "wide")
   with pytest.raises(config_lib.ConfigError, match="config.dit.hidden_size"):
     config_lib.validate(cfg, num_devices=8)
+  # The right architecture in config.json but other tensors: named when loaded.
+  cfg.dit.pretrained = str(tmp_path / "ok")
+  from train import loop  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match="config.dit.pretrained=.*do not match"):
+    loop.build_models(cfg)
   cfg.dit.pretrained = str(tmp_path / "missing")
   with pytest.raises(config_lib.ConfigError, match="config.dit.pretrained"):
     config_lib.validate(cfg, num_devices=8)

@@ -159,11 +159,17 @@ def save_pretrained(params, folder, *, model_config) -> None:
     json.dump({"_class_name": "DiT", **cfg}, f, indent=2, sort_keys=True)
 
 
-def load_pretrained(folder) -> tuple[dict, dict]:
+def load_pretrained(folder, *, like=None) -> tuple[dict, dict]:
   """`(model_config, params)` of a folder written by `save_pretrained`.
 
+  Args:
+    folder: the folder.
+    like: optional params of the model to fill (a nested dict); the loaded
+      params must have its tree and shapes, and are cast to its dtypes.
+
   Raises:
-    ValueError: naming the file or field that is missing or malformed.
+    ValueError: naming the file or field that is missing or malformed, or the
+      parameters that do not fit `like`.
   """
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
@@ -187,4 +193,28 @@ def load_pretrained(folder) -> tuple[dict, dict]:
     for k in parents:
       node = node.setdefault(k, {})
     node[leaf] = value
+  if like is not None:
+    params = _fit(params, like, folder)
   return {k: raw[k] for k in CONFIG_FIELDS}, params
+
+
+def _fit(loaded: dict, like, folder) -> dict:
+  want, got = dict(_flatten(like)), dict(_flatten(loaded))
+  if want.keys() != got.keys():
+    raise ValueError(
+        f"dit.pretrained={str(folder)!r}: parameters do not match the model: missing "
+        f"{sorted(want.keys() - got.keys())[:4]}, unexpected {sorted(got.keys() - want.keys())[:4]}")
+  for name, v in want.items():
+    if np.shape(v) != np.shape(got[name]):
+      raise ValueError(f"dit.pretrained={str(folder)!r}: {name} has shape "
+                       f"{np.shape(got[name])}, the model needs {np.shape(v)}")
+  return jax.tree.map(lambda t, a: jnp.asarray(a, jnp.asarray(t).dtype), like,
+                      _like_keys(loaded, like))
+
+
+def _like_keys(tree, like):
+  """`tree` with the key objects of `like` (str names from the file -> the model's keys)."""
+  if isinstance(like, dict):
+    by_name = {str(k): k for k in like}
+    return {by_name[str(k)]: _like_keys(v, like[by_name[str(k)]]) for k, v in tree.items()}
+  return tree
