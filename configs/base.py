@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.blur_sigma = 0.0  # Gaussian blur std, HR pixels (0: none)
   c.data.noise_level = 0.0  # Gaussian noise std, 8-bit grey levels of 255 (0: none)
   c.data.lr_bits = 0  # round the LR image to this many bits (0: keep float32)
-  c.data.retina_downscale = 1  # embedded retina: area-downscale the photograph first
+  c.data.retina_downscale = 1  # embedded retina only: area-downscale the photograph first
 
   # --- Autoencoder (train/models/vae.py) and its stage.
   c.vae = ml_collections.ConfigDict()

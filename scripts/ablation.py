@@ -9,7 +9,8 @@ seeds (mse_only, no decoded loss, is the control: what the steps alone buy).
 Runs are separate `python -m train` processes (resumed if their workdir
 exists); each writes `results.json`, and this script prints PSNR / SSIM /
 MS-SSIM on the held-out crops as mean +- std over seeds, plus the base model
-and bicubic, as a Markdown table.
+and bicubic, and each arm's per-seed difference to the mse_only control, as
+Markdown tables.
 """
 
 from __future__ import annotations
@@ -56,19 +57,29 @@ def main():
   args = ap.parse_args()
   t0 = time.time()
   table = {name: [run(name, s, args.workdir, args.set) for s in args.seeds] for name in CONFIGS}
-  first = table[CONFIGS[0]][0]
-  rows = {"bicubic": [first["bicubic"]]}
-  if "base model (dit.pretrained)" in first:
-    rows["base model (before fine-tuning)"] = [first["base model (dit.pretrained)"]]
-  model_key = "fine-tuned model" if "fine-tuned model" in first else "model"
+  first = table[CONFIGS[0]]
+  # The sampler's noise depends on the seed, so each seed's base model and
+  # bicubic rows come from that seed's runs, and arms are compared per seed.
+  rows = {"bicubic": [r["bicubic"] for r in first]}
+  if "base model (dit.pretrained)" in first[0]:
+    rows["base model (before fine-tuning)"] = [r["base model (dit.pretrained)"] for r in first]
+  model_key = "fine-tuned model" if "fine-tuned model" in first[0] else "model"
   for name in CONFIGS:
-    rows[f"{name}"] = [r[model_key] for r in table[name]]
+    rows[name] = [r[model_key] for r in table[name]]
   print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), "
         f"{time.time() - t0:.0f} s in all\n")
   print("| flow loss | PSNR (dB) | SSIM | MS-SSIM |")
   print("|---|---:|---:|---:|")
   for name, rs in rows.items():
     print(f"| {name} | " + " | ".join(fmt([r[m] for r in rs], m) for m in METRICS) + " |")
+  control = CONFIGS[0]
+  print(f"\nPaired by seed (same sampler noise), difference to {control}:\n")
+  print("| flow loss | Δ PSNR (dB) | Δ SSIM | Δ MS-SSIM |")
+  print("|---|---:|---:|---:|")
+  for name in CONFIGS[1:]:
+    print(f"| {name} | " + " | ".join(
+        fmt([a[m] - b[m] for a, b in zip(rows[name], rows[control])], m)
+        for m in METRICS) + " |")
 
 
 if __name__ == "__main__":

@@ -709,9 +709,8 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
   if source == "retina":
     store, train_regions, val_regions = _retina_source(size, val_fraction, downscale)
   elif source == "folder":
-    if downscale != 1:
-      raise ValueError(f"data.retina_downscale={downscale} applies to the embedded retina "
-                       "only; downscale the folder's images beforehand")
+    # data.retina_downscale is an option of the embedded photograph (as
+    # data.extensions is one of folders): a folder's images keep their size.
     if not root:
       raise ValueError("data.source='folder' needs data.dir (a folder of PNG/JPEG/TIFF)")
     store, train_regions, val_regions = _folder_source(root, size, val_fraction, extensions,

@@ -322,8 +322,6 @@ BAD_CONFIGS = [
     (dict(noise_level="5"), {}, "data.noise_level"),
     (dict(lr_bits=20), {}, "data.lr_bits"),
     (dict(retina_downscale=0), {}, "data.retina_downscale"),
-    (dict(source="folder", dir="/nonexistent", retina_downscale=2), {},
-     "data.retina_downscale"),
     (dict(), dict(batch_size_per_process=0), "batch_size_per_process"),
     (dict(), dict(process_index=2, process_count=2), "process_index"),
     (dict(), dict(process_index=-1, process_count=1), "process_index"),
