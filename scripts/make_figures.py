@@ -1,6 +1,6 @@
 """Regenerates the README figures in docs/figures/ (deterministic).
 
-  python scripts/make_figures.py                    # docs/figures/ssim_maps.png
+  python scripts/make_figures.py                    # docs/figures/ssim_maps.png, ssim3d.png
   python scripts/make_figures.py --from-run WORKDIR # also docs/figures/sample_grid.png
 
 `ssim_maps.png`: a crop of the retinal fundus image shipped with scikit-image
@@ -11,6 +11,12 @@ report 004 (a small foreground on a 0.5 background): the textbook
 E[x^2] - E[x]^2 SSIM computed in bfloat16 (mixed precision) goes far above 1,
 ssim_jax stays in [-1, 1], and `mask_mode="foreground"` scores only the
 foreground.
+
+`ssim3d.png`: three orthogonal slices through a CT-like phantom volume
+(`tests/phantom.py`: ellipsoids in air, voxels 2.5 x 0.8 x 0.8 mm), a
+"restoration" of it (blurred along W, noisy, and missing the small lesion),
+and its 3-D SSIM map (`spatial_dims=3`, sigma 1.5 mm through `spacing`,
+'same' padding so the map has the volume's size).
 
 `--from-run WORKDIR` copies the last PNG grid the trainer wrote in
 `WORKDIR/eval/` (lowres | bicubic | model | target | SSIM map) to
@@ -42,6 +48,10 @@ from PIL import Image  # noqa: E402
 from skimage import data, filters, transform  # noqa: E402
 
 import ssim_jax  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from phantom import distort, phantom  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "docs", "figures")
@@ -181,6 +191,52 @@ def make_ssim_maps(path: str, *, size: int = 256) -> dict[str, float]:
   return numbers
 
 
+def make_ssim3d(path: str, *, shape=(32, 96, 96), spacing=(2.5, 0.8, 0.8)) -> dict[str, float]:
+  """Writes the 3-D SSIM figure to `path`; returns the numbers shown on it."""
+  ref = phantom(shape)
+  # The "restoration" loses the small lesion (painted back to the tissue
+  # around it), is blurred along W and noisy.
+  lesion = np.isclose(ref, 0.85)
+  restored = ref.copy()
+  restored[lesion] = 0.55
+  restored = distort(restored, seed=0, noise=0.03)
+  x = jnp.asarray(ref)[None, ..., None]
+  y = jnp.asarray(restored)[None, ..., None]
+  opts = dict(spatial_dims=3, spacing=spacing, sigma=1.5, padding="same")
+  smap = np.asarray(ssim_jax.ssim_map(y, x, **opts))[0, ..., 0]
+  s = float(ssim_jax.ssim(y, x, **opts)[0])
+  window = ssim_jax.checks.check_window(None, 1.5, spatial_dims=3, spacing=spacing).sizes
+  body = ref > 0
+  s_body = float(ssim_jax.ssim(y, x, mask=jnp.asarray(body)[None, ..., None],
+                               mask_mode="foreground", **opts)[0])
+  zc, yc, xc = (int(round(v)) for v in np.argwhere(lesion).mean(axis=0))
+  numbers = {"ssim": s, "ssim_body_foreground": s_body,
+             "map_min": float(smap.min()), "map_at_lesion": float(smap[zc, yc, xc])}
+  fig, axes = plt.subplots(3, 3, figsize=(10, 8.6))
+  views = (("axial (z = %d)" % zc, lambda v: v[zc], 1.0),
+           ("coronal (y = %d)" % yc, lambda v: v[:, yc], spacing[0] / spacing[2]),
+           ("sagittal (x = %d)" % xc, lambda v: v[:, :, xc], spacing[0] / spacing[1]))
+  rows = (("phantom", ref, "gray", 0, 1),
+          ("restoration (lesion lost, blur, noise)", restored, "gray", 0, 1),
+          ("3-D SSIM map", smap, "magma", 0, 1))
+  for i, (label, vol, cmap, lo, hi) in enumerate(rows):
+    for j, (view, cut, aspect) in enumerate(views):
+      ax = axes[i, j]
+      im = ax.imshow(cut(vol), cmap=cmap, vmin=lo, vmax=hi, aspect=aspect,
+                     interpolation="nearest")
+      ax.set_title(f"{label}\n{view}" if j == 0 else view, fontsize=9)
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.colorbar(im, ax=axes[2, :], fraction=0.02, pad=0.01)
+  fig.suptitle(f"ssim_jax 3-D SSIM, voxels {spacing[0]} x {spacing[1]} x {spacing[2]} mm, "
+               f"sigma 1.5 mm -> window {window[0]}x{window[1]}x{window[2]} voxels: SSIM {s:.3f}, "
+               f"body only (foreground mask) {s_body:.3f}\n(python scripts/make_figures.py)",
+               fontsize=10)
+  fig.savefig(path, dpi=80, bbox_inches="tight", metadata={"Software": None})
+  plt.close(fig)
+  return numbers
+
+
 def copy_run_grid(workdir: str, path: str, *, max_width: int = 1000) -> str:
   """Copies the final (else newest) eval grid of a run (`WORKDIR/eval/*.png`) to `path`.
 
@@ -216,6 +272,10 @@ def main(argv=None) -> None:
   print(f"wrote {path} ({os.path.getsize(path) // 1024} KB)")
   for k, v in numbers.items():
     print(f"  {k}: {v:.6f}")
+  path3d = os.path.join(args.out_dir, "ssim3d.png")
+  for k, v in make_ssim3d(path3d).items():
+    print(f"  3-D {k}: {v:.6f}")
+  print(f"wrote {path3d} ({os.path.getsize(path3d) // 1024} KB)")
   if args.from_run:
     grid = os.path.join(args.out_dir, "sample_grid.png")
     src = copy_run_grid(args.from_run, grid)

@@ -3,8 +3,9 @@
 Images are channels-last `[B, H, W, C]` (or `[H, W, C]`), float16, bfloat16
 or float32; statistics are computed and results returned in float32; every
 function is pure, differentiable and works under `jit`, `vmap`, `grad` and
-`jax.shard_map`. Options are keyword-only. See `ssim_jax.ssim` for the
-formulas and the mask modes.
+`jax.shard_map`. Options are keyword-only. Volumes `[B, D, H, W, C]` take
+`spatial_dims=3` (and optionally a physical voxel `spacing`). See
+`ssim_jax.ssim` for the formulas, the window rule and the mask modes.
 """
 
 from ssim_jax.ms_ssim import ms_ssim

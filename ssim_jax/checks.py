@@ -26,21 +26,62 @@ from ssim_jax import filters
 
 PADDINGS = ("valid", "same")
 MASK_MODES = ("weighted", "foreground")
+SPATIAL_DIMS = (2, 3)
 MIN_IMAGE_SIZE = 3
+# Default window without `spacing` (Wang et al. 2004), every axis.
+DEFAULT_WINDOW = 11
+# With `spacing`, the default window covers +-TRUNCATE sigma per axis, as
+# skimage's `truncate=3.5` (radius int(3.5 sigma + 0.5): 11 for sigma 1.5).
+TRUNCATE = 3.5
 
 
 class Images(NamedTuple):
   """Validated image pair.
 
   Attributes:
-    x: float32 `[B, H, W, C]`.
-    y: float32 `[B, H, W, C]`.
-    batched: False when the caller passed `[H, W, C]`; results then drop
-      the batch axis.
+    x: float32 `[B, H, W, C]` (volumes `[B, D, H, W, C]`).
+    y: float32, same shape as `x`.
+    batched: False when the caller passed `[H, W, C]` (`[D, H, W, C]`);
+      results then drop the batch axis.
   """
   x: jax.Array
   y: jax.Array
   batched: bool
+
+
+class Window(NamedTuple):
+  """Validated Gaussian window, per spatial axis (D, H, W or H, W order).
+
+  Attributes:
+    sizes: requested odd window sizes, voxels.
+    sigmas: standard deviations, voxels (physical sigma / spacing).
+    isotropic: one window size was given (or the default without
+      `spacing`): it shrinks as a whole to fit the smallest side.
+  """
+  sizes: tuple[int, ...]
+  sigmas: tuple[float, ...]
+  isotropic: bool
+
+
+def _axis_letters(spatial_dims: int) -> str:
+  return "HW" if spatial_dims == 2 else "DHW"
+
+
+def _dims_text(spatial_dims: int, batched: bool) -> str:
+  inner = ", ".join(_axis_letters(spatial_dims))
+  return f"[B, {inner}, C]" if batched else f"[{inner}, C]"
+
+
+def check_spatial_dims(spatial_dims: Any) -> int:
+  """Validates `spatial_dims`: 2 (images) or 3 (volumes)."""
+  if isinstance(spatial_dims, bool) or not isinstance(
+      spatial_dims, numbers.Integral):
+    raise TypeError(f"spatial_dims must be an int (2 or 3), got "
+                    f"{spatial_dims!r}")
+  if int(spatial_dims) not in SPATIAL_DIMS:
+    raise ValueError(f"spatial_dims must be 2 (images [B, H, W, C]) or 3 "
+                     f"(volumes [B, D, H, W, C]), got {spatial_dims}")
+  return int(spatial_dims)
 
 
 def _is_concrete(a: Any) -> bool:
@@ -66,46 +107,62 @@ def _check_float_dtype(a: Any, name: str) -> None:
         f"x.astype(jnp.float32) / 255.0")
 
 
-def check_images(x: Any, y: Any) -> Images:
-  """Validates an image pair and casts it to float32 `[B, H, W, C]`.
+def check_images(x: Any, y: Any, *, spatial_dims: int = 2) -> Images:
+  """Validates an image pair and casts it to float32 `[B, *S, C]`.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, float16/bfloat16/float32.
+    x: `[B, H, W, C]` or `[H, W, C]` (spatial_dims=2); `[B, D, H, W, C]` or
+      `[D, H, W, C]` (spatial_dims=3); float16/bfloat16/float32.
     y: same shape as `x`, floating.
+    spatial_dims: 2 or 3 (validated by `check_spatial_dims`). The rank is
+      never used to guess it: a rank-5 array without spatial_dims=3 is an
+      error, not a volume.
 
   Returns:
     `Images` with float32 arrays (statistics are always computed in float32).
 
   Raises:
     TypeError: non-array or non-floating (integer, bool, complex) images.
-    ValueError: rank other than 3 or 4, shape mismatch, empty channel axis,
-      or an image side smaller than 3 pixels.
+    ValueError: wrong rank for `spatial_dims`, shape mismatch, empty channel
+      axis, or a spatial side smaller than 3 pixels.
   """
+  spatial_dims = check_spatial_dims(spatial_dims)
   x = _as_array(x, "x")
   y = _as_array(y, "y")
   _check_float_dtype(x, "x")
   _check_float_dtype(y, "y")
-  if x.ndim not in (3, 4):
+  rank = spatial_dims + 2
+  if x.ndim not in (rank - 1, rank):
+    hint = ""
+    if spatial_dims == 2 and x.ndim == 5:
+      hint = "; volumes [B, D, H, W, C] need spatial_dims=3"
+    elif spatial_dims == 3 and x.ndim == 3:
+      hint = "; images [H, W, C] need spatial_dims=2"
     raise ValueError(
-        f"x must have rank 4 [B, H, W, C] or rank 3 [H, W, C], got shape "
-        f"{tuple(x.shape)}")
+        f"x must have rank {rank} {_dims_text(spatial_dims, True)} or rank "
+        f"{rank - 1} {_dims_text(spatial_dims, False)} (spatial_dims="
+        f"{spatial_dims}), got shape {tuple(x.shape)}{hint}")
   if y.shape != x.shape:
     raise ValueError(
         f"y must have the same shape as x, got x {tuple(x.shape)} and y "
         f"{tuple(y.shape)}")
-  batched = x.ndim == 4
+  batched = x.ndim == rank
   if not batched:
     x, y = x[None], y[None]
-  _, h, w, c = x.shape
+  _, *sides, c = x.shape
   if c < 1:
     raise ValueError(f"x must have at least one channel, got shape {x.shape}")
-  if min(h, w) < MIN_IMAGE_SIZE:
+  if min(sides) < MIN_IMAGE_SIZE:
+    got = ", ".join(f"{a}={n}" for a, n in
+                    zip(_axis_letters(spatial_dims), sides))
+    kind = "images" if spatial_dims == 2 else "volumes"
+    smallest = "x".join([str(MIN_IMAGE_SIZE)] * spatial_dims)
     raise ValueError(
-        f"x images must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels "
-        f"(the smallest SSIM window), got H={h}, W={w}")
+        f"x {kind} must be at least {smallest} pixels (the smallest SSIM "
+        f"window), got {got}")
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.float32)
-  chex.assert_rank([x, y], 4)
+  chex.assert_rank([x, y], rank)
   chex.assert_equal_shape([x, y])
   return Images(x, y, batched)
 
@@ -119,43 +176,103 @@ def _check_positive_real(value: Any, name: str) -> float:
   return value
 
 
-def check_window(window_size: Any, sigma: Any) -> tuple[int, float]:
-  """Validates the Gaussian window options.
+def _per_axis(value: Any, name: str, spatial_dims: int) -> tuple[Any, ...]:
+  """One value for every spatial axis, or a sequence of one per axis."""
+  if isinstance(value, (tuple, list, np.ndarray)):
+    values = tuple(np.asarray(value).reshape(-1).tolist()) if isinstance(
+        value, np.ndarray) else tuple(value)
+    if len(values) != spatial_dims:
+      raise ValueError(
+          f"{name} must be one value or one per spatial axis "
+          f"({_axis_letters(spatial_dims)}: {spatial_dims}), got "
+          f"{len(values)}: {value!r}")
+    return values
+  return (value,) * spatial_dims
+
+
+def _check_odd_window(k: Any) -> int:
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+    raise TypeError(f"window_size must be an int or one int per spatial "
+                    f"axis, got {k!r}")
+  k = int(k)
+  if k < MIN_IMAGE_SIZE or k % 2 == 0:
+    raise ValueError(
+        f"window_size must be odd and >= {MIN_IMAGE_SIZE}, got {k}")
+  return k
+
+
+def physical_window(sigma_voxels: float) -> int:
+  """Default window (voxels) for a `spacing`-scaled sigma (voxels): the odd
+  size covering +-3.5 sigma, `2 int(3.5 sigma + 0.5) + 1` (skimage's
+  truncate=3.5; 11 for sigma 1.5), at least 3."""
+  return max(MIN_IMAGE_SIZE, 2 * int(TRUNCATE * sigma_voxels + 0.5) + 1)
+
+
+def check_window(window_size: Any, sigma: Any, *, spatial_dims: int = 2,
+                 spacing: Any = None) -> Window:
+  """Validates the Gaussian window options, per spatial axis.
 
   Args:
-    window_size: odd int >= 3.
-    sigma: finite float > 0 (pixels).
+    window_size: None (the default), an odd int >= 3, or one per spatial
+      axis (voxels). None means 11 on every axis without `spacing`, and
+      with `spacing` the odd size covering +-3.5 sigma per axis
+      (`physical_window`).
+    sigma: finite float > 0, or one per spatial axis: voxels, or physical
+      units (e.g. mm) when `spacing` is given.
+    spatial_dims: 2 or 3.
+    spacing: None, or the physical voxel size per spatial axis ((sy, sx) or
+      (sz, sy, sx), finite > 0, any unit): sigma in voxels = sigma / spacing.
 
   Returns:
-    `(window_size, sigma)` as Python int and float.
+    `Window` (sizes and sigmas in voxels, one per spatial axis).
   """
-  if isinstance(window_size, bool) or not isinstance(
-      window_size, numbers.Integral):
-    raise TypeError(f"window_size must be an int, got {window_size!r}")
-  window_size = int(window_size)
-  if window_size < MIN_IMAGE_SIZE or window_size % 2 == 0:
-    raise ValueError(
-        f"window_size must be odd and >= {MIN_IMAGE_SIZE}, got {window_size}")
-  sigma = _check_positive_real(sigma, "sigma")
-  return window_size, sigma
+  spatial_dims = check_spatial_dims(spatial_dims)
+  sigmas = tuple(_check_positive_real(v, "sigma")
+                 for v in _per_axis(sigma, "sigma", spatial_dims))
+  if spacing is not None:
+    if isinstance(spacing, jax.core.Tracer):
+      raise TypeError("spacing must be concrete (Python floats), not traced")
+    steps = tuple(_check_positive_real(v, "spacing")
+                  for v in _per_axis(spacing, "spacing", spatial_dims))
+    sigmas = tuple(s / d for s, d in zip(sigmas, steps))
+  if window_size is None:
+    if spacing is None:
+      return Window((DEFAULT_WINDOW,) * spatial_dims, sigmas, True)
+    return Window(tuple(physical_window(s) for s in sigmas), sigmas, False)
+  isotropic = not isinstance(window_size, (tuple, list, np.ndarray))
+  sizes = tuple(_check_odd_window(k) for k in
+                _per_axis(window_size, "window_size", spatial_dims))
+  return Window(sizes, sigmas, isotropic)
 
 
-def effective_window(window_size: int, height: int, width: int) -> int:
-  """The window actually used for an image of `height` x `width` pixels.
+def effective_windows(window: Window, sides: Sequence[int]
+                      ) -> tuple[int, ...]:
+  """The windows actually used for spatial sides `sides` (one per axis).
+
+  An isotropic window (one `window_size`, or the default without spacing)
+  shrinks as a whole to fit the smallest side, as the 2-D rule always did;
+  per-axis windows shrink axis by axis (`effective_window`).
+  """
+  if window.isotropic:
+    return (effective_window(window.sizes[0], *sides),) * len(sides)
+  return tuple(effective_window(k, n) for k, n in zip(window.sizes, sides))
+
+
+def effective_window(window_size: int, *sides: int) -> int:
+  """The window actually used for an image with spatial sides `sides`.
 
   When the image is smaller than the window, the window shrinks to the largest
-  odd size that fits (at least 3). Note `min(H, W) | 1` overshoots for even
-  sizes (8 | 1 == 9 > 8); this does not.
+  odd size that fits the smallest side (at least 3). Note `min(H, W) | 1`
+  overshoots for even sizes (8 | 1 == 9 > 8); this does not.
 
   Args:
     window_size: requested odd window.
-    height: image height H >= 3.
-    width: image width W >= 3.
+    *sides: spatial sides (e.g. H, W), each >= 3.
 
   Returns:
     odd int in [3, window_size].
   """
-  side = min(height, width)
+  side = min(sides)
   if side >= window_size:
     return window_size
   largest_odd = side if side % 2 == 1 else side - 1
@@ -237,21 +354,22 @@ def check_filter_method(method: Any) -> str:
                       ("auto",) + tuple(filters.METHODS))
 
 
-def check_mask(mask: Any, shape: tuple[int, int, int, int], *, batched: bool,
+def check_mask(mask: Any, shape: tuple[int, ...], *, batched: bool,
                name: str = "mask") -> jax.Array | None:
   """Validates a mask (per-pixel non-negative weights) for images of `shape`.
 
   Args:
     mask: None, or an array with the rank of the images (`[B, H, W, 1|C]`
-      for batched images, `[H, W, 1|C]` otherwise) whose leading axes may
-      be 1 (broadcast). bool, integer and floating masks are accepted.
-      Values (non-negative, not NaN) are checked only when concrete.
-    shape: `[B, H, W, C]` of the validated images.
+      for batched images, `[H, W, 1|C]` otherwise; volumes with D before H)
+      whose leading axes may be 1 (broadcast). bool, integer and floating
+      masks are accepted. Values (non-negative, not NaN) are checked only
+      when concrete.
+    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the validated images.
     batched: whether the caller's images had a batch axis.
     name: argument name used in errors.
 
   Returns:
-    None, or float32 `[B, H, W, 1|C]`.
+    None, or float32 `[B, H, W, 1|C]` (`[B, D, H, W, 1|C]`).
   """
   if mask is None:
     return None
@@ -260,20 +378,18 @@ def check_mask(mask: Any, shape: tuple[int, int, int, int], *, batched: bool,
   if not (jnp.issubdtype(dtype, jnp.floating)
           or jnp.issubdtype(dtype, jnp.integer) or dtype == np.bool_):
     raise TypeError(f"{name} must be real (bool, int or float), got {dtype}")
-  want_rank = 4 if batched else 3
-  b, h, w, c = shape
-  expected = "[B, H, W, 1|C]" if batched else "[H, W, 1|C]"
+  spatial_dims = len(shape) - 2
+  want_rank = len(shape) if batched else len(shape) - 1
+  expected = _dims_text(spatial_dims, batched).replace(", C]", ", 1|C]")
   if mask.ndim != want_rank:
     raise ValueError(
         f"{name} must have rank {want_rank} {expected} like the images, got "
         f"shape {tuple(mask.shape)}")
-  full = mask.shape if batched else (1,) + tuple(mask.shape)
-  ok = (full[0] in (1, b) and full[1] in (1, h) and full[2] in (1, w)
-        and full[3] in (1, c))
-  if not ok:
+  full = tuple(mask.shape) if batched else (1,) + tuple(mask.shape)
+  if not all(m in (1, n) for m, n in zip(full, shape)):
     raise ValueError(
         f"{name} of shape {tuple(mask.shape)} does not broadcast to the "
-        f"images {(b, h, w, c) if batched else (h, w, c)}; expected "
+        f"images {tuple(shape) if batched else tuple(shape[1:])}; expected "
         f"{expected}")
   if _is_concrete(mask):
     values = np.asarray(mask, np.float64)
@@ -285,7 +401,7 @@ def check_mask(mask: Any, shape: tuple[int, int, int, int], *, batched: bool,
   mask = jnp.asarray(mask, jnp.float32)
   if not batched:
     mask = mask[None]
-  return jnp.broadcast_to(mask, (b, h, w, full[3]))
+  return jnp.broadcast_to(mask, tuple(shape[:-1]) + (full[-1],))
 
 
 def check_unit_interval(value: Any, name: str) -> float:

@@ -1,10 +1,11 @@
-"""Gaussian windows and separable filtering of NHWC images.
+"""Gaussian windows and separable filtering of images and volumes.
 
 Every local statistic in ssim_jax (means, variances, covariance, mask mass) is
 one separable Gaussian blur of an image-sized map. This module owns that blur:
 
 - `gaussian_kernel` builds the normalised 1-D window;
-- `blur` applies it along H then W, with 'valid' or zero-'same' borders;
+- `blur` applies one window per spatial axis (H, W; or D, H, W for volumes),
+  with 'valid' or zero-'same' borders;
 - `blur_adjoint` applies its transpose (for analytic derivatives);
 - `choose_method` is the ONE place that decides which lowering runs.
 
@@ -23,10 +24,13 @@ reference to 1e-6):
   (to any order) but not forward mode (`jax.jvp`, `jax.jacfwd`): force
   ``method="matmul"`` there.
 
-The input is float32 `[B, H, W, C]` or `[B, C, H, W]`; channels are filtered
-independently. All lowerings work on planes `[N, H, W]`, where both filtered
-axes are the two minor ones: the band matmuls are then plain gemms with no
-transposes (W: contraction over the minor axis; H: over the middle axis).
+The input is float32 `[B, H, W, C]` or `[B, C, H, W]` (volumes: `[B, D, H, W,
+C]` or `[B, C, D, H, W]`); channels are filtered independently. All lowerings
+work on planes `[N, H, W]`, where both filtered axes are the two minor ones:
+the band matmuls are then plain gemms with no transposes (W: contraction over
+the minor axis; H: over the middle axis). Volumes `[N, D, H, W]` are filtered
+as `N D` planes, then along D as `[N, D, H W]` (again a gemm with a
+contiguous free axis), so 2-D images run exactly the 2-D code.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   one, rather than autodiff of these blurs, is `fused.choose_chunk`.)
 
   Args:
-    shape: `[B, H, W, C]` of the image to be blurred.
+    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the image to be blurred.
     backend: `jax.default_backend()` when None.
 
   Returns:
@@ -107,20 +111,22 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   return "conv"
 
 
-def _blur_conv(x: jax.Array, kernel: np.ndarray, padding: Padding) -> jax.Array:
+def _blur_conv(x: jax.Array, kernel_h: np.ndarray, kernel_w: np.ndarray,
+               padding: tuple[Padding, Padding]) -> jax.Array:
   """Reference lowering: two single-feature `conv_general_dilated` passes.
 
   Works on planes `[N, H, W]` (channels already folded into N, so one
   single-feature conv replaces a grouped, depthwise one).
   """
   n, h, w = x.shape
-  k = kernel.shape[0]
+  k, k_w = kernel_h.shape[0], kernel_w.shape[0]
   x = x.reshape(n, h, w, 1)
   dn = ("NHWC", "HWIO", "NHWC")
-  kh = jnp.asarray(kernel.reshape(k, 1, 1, 1))
-  kw = jnp.asarray(kernel.reshape(1, k, 1, 1))
-  pad_h = "VALID" if padding == "valid" else [(k // 2, k // 2), (0, 0)]
-  pad_w = "VALID" if padding == "valid" else [(0, 0), (k // 2, k // 2)]
+  kh = jnp.asarray(kernel_h.reshape(k, 1, 1, 1))
+  kw = jnp.asarray(kernel_w.reshape(1, k_w, 1, 1))
+  pad_h = "VALID" if padding[0] == "valid" else [(k // 2, k // 2), (0, 0)]
+  pad_w = "VALID" if padding[1] == "valid" else [(0, 0),
+                                                 (k_w // 2, k_w // 2)]
   y = jax.lax.conv_general_dilated(
       x, kh, (1, 1), pad_h, dimension_numbers=dn,
       precision=jax.lax.Precision.HIGHEST)
@@ -130,10 +136,16 @@ def _blur_conv(x: jax.Array, kernel: np.ndarray, padding: Padding) -> jax.Array:
   return y[..., 0]
 
 
-def _pad_same(x: jax.Array, k: int, axes: tuple[int, ...]) -> jax.Array:
+def _pad_same(x: jax.Array, ks: tuple[int, ...], axes: tuple[int, ...],
+              paddings: tuple[str, ...]) -> jax.Array:
+  """Zero-pads axis `axes[i]` by `ks[i] // 2` per side where `paddings[i]`
+  is 'same' (so that a 'valid' filter then gives the 'same' result)."""
+  if "same" not in paddings:
+    return x
   pads = [(0, 0)] * x.ndim
-  for a in axes:
-    pads[a] = (k // 2, k // 2)
+  for a, k, p in zip(axes, ks, paddings):
+    if p == "same":
+      pads[a] = (k // 2, k // 2)
   return jnp.pad(x, pads)
 
 
@@ -181,19 +193,41 @@ def _matmul_axis(x: jax.Array, taps: tuple[float, ...], axis: int
   return jax.lax.slice_in_dim(y, 0, n_out, axis=a)
 
 
-def _blur_matmul(x: jax.Array, kernel: np.ndarray, padding: Padding
-                 ) -> jax.Array:
+def _blur_matmul(x: jax.Array, kernel_h: np.ndarray, kernel_w: np.ndarray,
+                 padding: tuple[Padding, Padding]) -> jax.Array:
   """Banded-matmul lowering on planes `[N, H, W]`: W as the minor axis, then
   H as the middle axis, both plain gemms with no transposes."""
-  taps = tuple(float(t) for t in kernel)
-  if padding == "same":
-    x = _pad_same(x, len(taps), (1, 2))
-  y = _matmul_axis(x, taps, -1)
+  taps_h = tuple(float(t) for t in kernel_h)
+  taps_w = tuple(float(t) for t in kernel_w)
+  x = _pad_same(x, (len(taps_h), len(taps_w)), (1, 2), padding)
+  y = _matmul_axis(x, taps_w, -1)
   if y.shape[-1] >= _MIN_ROW_GEMM:
-    return _matmul_axis(y, taps, -2)
+    return _matmul_axis(y, taps_h, -2)
   # Narrow planes: per-plane gemms of a few dozen columns are slow; one
   # transpose buys a single tall gemm instead.
-  return jnp.swapaxes(_matmul_axis(jnp.swapaxes(y, -1, -2), taps, -1), -1, -2)
+  return jnp.swapaxes(_matmul_axis(jnp.swapaxes(y, -1, -2), taps_h, -1), -1,
+                      -2)
+
+
+def _depth_pass(y: jax.Array, kernel_d: np.ndarray, padding: Padding,
+                method: str) -> jax.Array:
+  """The D pass of a volume blur on `[N, D, H, W]` (H, W already filtered).
+
+  Viewed as `[N, D, H W]`, D is the middle axis with a long contiguous free
+  axis: for "matmul" one gemm per block of D, for "conv" one single-feature
+  convolution.
+  """
+  n, d, h, w = y.shape
+  k = kernel_d.shape[0]
+  y = _pad_same(y.reshape(n, d, h * w), (k,), (1,), (padding,))
+  if method == "matmul":
+    out = _matmul_axis(y, tuple(float(t) for t in kernel_d), -2)
+  else:
+    out = jax.lax.conv_general_dilated(
+        y[..., None], jnp.asarray(kernel_d.reshape(k, 1, 1, 1)), (1, 1),
+        "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)[..., 0]
+  return out.reshape(n, out.shape[1], h, w)
 
 
 def _slices_axis(x: jax.Array, taps: tuple[float, ...], axis: int
@@ -219,12 +253,15 @@ def _slices_axis(x: jax.Array, taps: tuple[float, ...], axis: int
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _blur_slices(x: jax.Array, taps: tuple[float, ...], padding: str
-                 ) -> jax.Array:
-  """Shifted-slice lowering on planes `[N, H, W]`, adjoint-filter backward."""
-  if padding == "same":
-    x = _pad_same(x, len(taps), (1, 2))
-  return _slices_axis(_slices_axis(x, taps, 1), taps, 2)
+def _blur_slices(x: jax.Array, taps: tuple[tuple[float, ...], ...],
+                 padding: str) -> jax.Array:
+  """Shifted-slice lowering on planes `[N, *S]` (one taps tuple and one
+  padding per spatial axis of S, in order), adjoint-filter backward."""
+  axes = tuple(range(1, x.ndim))
+  x = _pad_same(x, tuple(len(t) for t in taps), axes, padding)
+  for a, t in zip(axes, taps):
+    x = _slices_axis(x, t, a)
+  return x
 
 
 def _blur_slices_fwd(x, taps, padding):
@@ -232,109 +269,174 @@ def _blur_slices_fwd(x, taps, padding):
   return _blur_slices(x, taps, padding), None
 
 
-def _full_pad(g: jax.Array, k: int, padding: str) -> jax.Array:
+def _full_pad(g: jax.Array, ks: tuple[int, ...], padding: tuple[str, ...]
+              ) -> jax.Array:
   """Adjoint of correlation with `taps` is correlation with the flipped taps:
   'same' (zero padding) maps to 'same'; 'valid' maps to 'valid' on the
-  cotangent zero-padded by K-1 on both spatial (two minor) axes ('full')."""
-  if padding == "same":
+  cotangent zero-padded by K-1 on that axis ('full'). The spatial axes are
+  the `len(ks)` minor ones, `ks` their window sizes, `padding` theirs."""
+  if all(p == "same" for p in padding):
     return g
-  pads = [(0, 0)] * (g.ndim - 2) + [(k - 1, k - 1)] * 2
+  pads = [(0, 0)] * (g.ndim - len(ks)) + [
+      (k - 1, k - 1) if p == "valid" else (0, 0) for k, p in zip(ks, padding)]
   return jnp.pad(g, pads)
 
 
 def _blur_slices_bwd(taps, padding, _, g):
-  return (_blur_slices(_full_pad(g, len(taps), padding), taps[::-1], padding),)
+  flipped = tuple(t[::-1] for t in taps)
+  return (_blur_slices(_full_pad(g, tuple(len(t) for t in taps), padding),
+                       flipped, padding),)
 
 
 _blur_slices.defvjp(_blur_slices_fwd, _blur_slices_bwd)
 
 
+def as_kernels(kernel, spatial_dims: int) -> tuple[np.ndarray, ...]:
+  """One float32 1-D window per spatial axis.
+
+  Args:
+    kernel: one 1-D window `[K]` (used on every axis) or a tuple/list of
+      `spatial_dims` windows (D, H, W order), each of odd length.
+    spatial_dims: number of spatial axes (2 or 3).
+
+  Returns:
+    Tuple of `spatial_dims` float32 numpy arrays.
+  """
+  if isinstance(kernel, (tuple, list)) and kernel and all(
+      np.ndim(k) == 1 for k in kernel):
+    kernels = tuple(np.asarray(k, np.float32) for k in kernel)
+  else:
+    kernels = (np.asarray(kernel, np.float32),) * spatial_dims
+  if len(kernels) != spatial_dims:
+    raise ValueError(f"kernel must be one window or one per spatial axis "
+                     f"({spatial_dims}), got {len(kernels)}")
+  for k in kernels:
+    if k.ndim != 1 or k.shape[0] % 2 != 1:
+      raise ValueError(f"kernel must be 1-D with an odd length, got shape "
+                       f"{k.shape}")
+  return kernels
+
+
+def as_paddings(padding, spatial_dims: int) -> tuple[str, ...]:
+  """One padding ('valid' or 'same') per spatial axis."""
+  paddings = (tuple(padding) if isinstance(padding, (tuple, list))
+              else (padding,) * spatial_dims)
+  if len(paddings) != spatial_dims or any(
+      p not in ("valid", "same") for p in paddings):
+    raise ValueError(f"padding must be 'valid' or 'same' (or one per "
+                     f"spatial axis), got {padding!r}")
+  return paddings
+
+
+def _blur_planes(planes: jax.Array, kernels: tuple[np.ndarray, ...],
+                 padding: tuple[str, ...], method: str) -> jax.Array:
+  """Filters planes `[N, H, W]` or volumes `[N, D, H, W]` (one kernel and
+  one padding per spatial axis)."""
+  if method == "slices":
+    return _blur_slices(planes, tuple(tuple(float(t) for t in k)
+                                      for k in kernels), padding)
+  if method == "conv":
+    plane_blur = _blur_conv
+  elif method == "matmul":
+    plane_blur = _blur_matmul
+  else:
+    raise ValueError(
+        f"method must be 'auto' or one of {METHODS}, got {method!r}")
+  if planes.ndim == 3:
+    return plane_blur(planes, kernels[0], kernels[1], padding)
+  n, d = planes.shape[:2]
+  y = plane_blur(planes.reshape((n * d,) + planes.shape[2:]), kernels[1],
+                 kernels[2], padding[1:])
+  return _depth_pass(y.reshape((n, d) + y.shape[1:]), kernels[0], padding[0],
+                     method)
+
+
 def blur(
     x: jax.Array,
-    kernel: np.ndarray,
+    kernel: np.ndarray | tuple[np.ndarray, ...],
     *,
-    padding: Padding = "valid",
+    padding: Padding | tuple[Padding, ...] = "valid",
     method: Method | str = "auto",
     layout: Layout = "NHWC",
 ) -> jax.Array:
-  """Separable Gaussian blur of `x` along H and W.
+  """Separable Gaussian blur of `x` along its spatial axes.
 
-  Every lowering filters planes `[N, H, W]`; "NCHW" input reshapes to planes
-  for free, "NHWC" costs a transpose in and out. Pipelines that blur several
-  maps of the same images (the SSIM statistics) therefore convert once and
-  use `layout="NCHW"`.
+  Every lowering filters planes `[N, H, W]` (volumes `[N, D, H, W]`);
+  channels-first input reshapes to planes for free, channels-last costs a
+  transpose in and out. Pipelines that blur several maps of the same images
+  (the SSIM statistics) therefore convert once and use `layout="NCHW"`.
 
   Args:
-    x: float32 `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` ("NCHW").
-    kernel: 1-D window `[K]` (K odd), from `gaussian_kernel`; a host
-      (numpy) array, since it is baked into the compiled filter.
-    padding: ``"valid"`` shrinks H and W by K-1; ``"same"`` zero-pads and
-      keeps them.
+    x: float32 `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` ("NCHW"); volumes
+      `[B, D, H, W, C]` ("NHWC": channels last) or `[B, C, D, H, W]`
+      ("NCHW": channels first).
+    kernel: 1-D window `[K]` (K odd) for every spatial axis, or one window
+      per spatial axis (H, W or D, H, W order), from `gaussian_kernel`; host
+      (numpy) arrays, since they are baked into the compiled filter.
+    padding: ``"valid"`` shrinks each spatial axis by its K-1; ``"same"``
+      zero-pads and keeps them; or one of them per spatial axis (the depth
+      slabs of `fused` filter D 'valid' and H, W as the caller asked).
     method: lowering, ``"auto"`` defers to `choose_method`.
-    layout: "NHWC" or "NCHW", of `x` and of the result.
+    layout: "NHWC" (channels last) or "NCHW" (channels first), of `x` and
+      of the result.
 
   Returns:
     The filtered maps, float32, in the layout of `x`.
   """
-  if padding not in ("valid", "same"):
-    raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
   if layout not in ("NHWC", "NCHW"):
     raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
-  if x.ndim != 4:
+  if x.ndim not in (4, 5):
     dims = "[B, H, W, C]" if layout == "NHWC" else "[B, C, H, W]"
-    raise ValueError(f"x must be {dims}, got shape {x.shape}")
-  kernel = np.asarray(kernel, np.float32)
-  if kernel.ndim != 1 or kernel.shape[0] % 2 != 1:
-    raise ValueError(f"kernel must be 1-D with an odd length, got shape "
-                     f"{kernel.shape}")
+    raise ValueError(f"x must be {dims} (or a volume with a D axis), got "
+                     f"shape {x.shape}")
+  kernels = as_kernels(kernel, x.ndim - 2)
+  paddings = as_paddings(padding, x.ndim - 2)
   if layout == "NHWC":
-    b, h, w, c = x.shape
-    planes = jnp.transpose(x, (0, 3, 1, 2)).reshape(b * c, h, w)
+    b, *spatial, c = x.shape
+    planes = jnp.moveaxis(x, -1, 1).reshape((b * c,) + tuple(spatial))
   else:
-    b, c, h, w = x.shape
-    planes = x.reshape(b * c, h, w)
-  if padding == "valid" and min(h, w) < kernel.shape[0]:
-    raise ValueError(f"'valid' padding needs H and W >= window size "
-                     f"{kernel.shape[0]}, got x of shape {x.shape} ({layout})")
+    b, c, *spatial = x.shape
+    planes = x.reshape((b * c,) + tuple(spatial))
+  if any(p == "valid" and n < k.shape[0]
+         for n, k, p in zip(spatial, kernels, paddings)):
+    raise ValueError(f"'valid' padding needs H and W (and D for volumes) "
+                     f">= their window sizes "
+                     f"{tuple(k.shape[0] for k in kernels)}, got x of shape "
+                     f"{x.shape} ({layout})")
   if method == "auto":
-    method = choose_method((b, h, w, c))
-  if method == "conv":
-    out = _blur_conv(planes, kernel, padding)
-  elif method == "matmul":
-    out = _blur_matmul(planes, kernel, padding)
-  elif method == "slices":
-    out = _blur_slices(planes, tuple(float(t) for t in kernel), padding)
-  else:
-    raise ValueError(
-        f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    method = choose_method(tuple(x.shape) if layout == "NHWC" else
+                           (b,) + tuple(spatial) + (c,))
+  out = _blur_planes(planes, kernels, paddings, method)
   out = out.reshape((b, c) + out.shape[1:])
-  return jnp.transpose(out, (0, 2, 3, 1)) if layout == "NHWC" else out
+  return jnp.moveaxis(out, 1, -1) if layout == "NHWC" else out
 
 
 def blur_adjoint(
     g: jax.Array,
-    kernel: np.ndarray,
+    kernel: np.ndarray | tuple[np.ndarray, ...],
     *,
-    padding: Padding = "valid",
+    padding: Padding | tuple[Padding, ...] = "valid",
     method: Method | str = "auto",
 ) -> jax.Array:
   """Adjoint (transpose) of `blur(., kernel, padding=padding)` on NCHW maps.
 
   For a cotangent `g` of the blurred maps, `blur_adjoint(g)` is the
-  cotangent of the input: the blur with the flipped kernel, on `g`
+  cotangent of the input: the blur with the flipped kernels, on `g`
   zero-padded by K-1 per side for 'valid' padding (so the result has the
   input's size). Used by the analytic SSIM derivative (`fused`).
 
   Args:
-    g: float32 `[B, C, H', W']`, blur output sized.
-    kernel: the 1-D window `[K]` of the forward blur.
-    padding: padding of the forward blur.
+    g: float32 `[B, C, H', W']` (or `[B, C, D', H', W']`), blur output sized.
+    kernel: the window(s) of the forward blur, as in `blur`.
+    padding: padding of the forward blur (one, or one per spatial axis).
     method: lowering, as in `blur`.
 
   Returns:
-    float32 `[B, C, H, W]`, the forward blur's input size.
+    float32 `[B, C, H, W]` (or `[B, C, D, H, W]`), the forward blur's input
+    size.
   """
-  kernel = np.asarray(kernel, np.float32)
-  return blur(_full_pad(g, kernel.shape[0], padding),
-              np.ascontiguousarray(kernel[::-1]), padding=padding,
-              method=method, layout="NCHW")
+  kernels = as_kernels(kernel, g.ndim - 2)
+  paddings = as_paddings(padding, g.ndim - 2)
+  flipped = tuple(np.ascontiguousarray(k[::-1]) for k in kernels)
+  return blur(_full_pad(g, tuple(k.shape[0] for k in kernels), paddings),
+              flipped, padding=paddings, method=method, layout="NCHW")

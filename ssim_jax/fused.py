@@ -30,9 +30,18 @@ rule falls back to autodiff of the plain route.
 The plain route (`ssim_map_nchw`, `plain_weighted_ssim_sum`) lives here too,
 so that both routes share one definition of the map.
 
+Volumes (`[B, D, H, W, C]`) run the same code with a D axis. A volume too
+large for one chunk is cut into depth slabs (`choose_slab`): one scan over
+slabs runs the five blurs (each slab reads its K_D - 1 halo slices), the
+elementwise derivative and the adjoint blurs, and adds the slab's share of
+the gradient into the gradient volumes in place. Memory is then the centred
+inputs and the gradients plus one slab's intermediates (measured in
+benchmarks/README.md against whole-volume autodiff).
+
 `choose_chunk` is the one place that decides whether this route runs and
-with how many planes per chunk; the SSIM functions use it for
-`filter_method="auto"` (a named lowering runs under plain autodiff).
+with how many planes per chunk, `choose_slab` whether volumes are cut into
+depth slabs; the SSIM functions use them for `filter_method="auto"` (a named
+lowering runs under plain autodiff).
 """
 
 from __future__ import annotations
@@ -52,9 +61,22 @@ from ssim_jax import stats as stats_lib
 _CHUNK_ELEMENTS = 1 << 18
 # Maps at most this wide or high keep plain autodiff on CPU (see choose_chunk).
 _MIN_FUSED_SIDE = 128
+# Volumes above this many voxels per plane are cut into depth slabs; a slab
+# holds about _SLAB_ELEMENTS input voxels (32 MiB per float32 map).
+_MAX_UNSLABBED = 1 << 25
+_SLAB_ELEMENTS = 1 << 23
 
 
-def choose_chunk(shape: tuple[int, ...], *, kernel_size: int, padding: str,
+def _map_sides(shape, kernel_size, padding) -> tuple[int, ...]:
+  sides = tuple(shape[1:-1])
+  ks = (tuple(kernel_size) if isinstance(kernel_size, (tuple, list))
+        else (kernel_size,) * len(sides))
+  if padding == "same":
+    return sides
+  return tuple(n - k + 1 for n, k in zip(sides, ks))
+
+
+def choose_chunk(shape: tuple[int, ...], *, kernel_size, padding: str,
                  backend: str | None = None) -> int:
   """Planes per chunk for the fused route, or 0 for plain autodiff.
 
@@ -63,12 +85,14 @@ def choose_chunk(shape: tuple[int, ...], *, kernel_size: int, padding: str,
   wins where both sides of the map exceed 128 pixels (16x256x256x3: -16..-24%,
   1x1080x1920x3 'same' + L1: -18%, 4x512x512x3: -16%; 1x1024x1024x1: equal)
   and loses on small planes (64x64x64x3: +40%, 32x128x128x3: +8%), where
-  autodiff's transposed band gemms are cheap. No GPU measurement exists yet,
-  so other backends keep plain autodiff.
+  autodiff's transposed band gemms are cheap. Volumes follow the same rule
+  on their H and W sides, and always take the fused route when they need
+  depth slabs (`choose_slab`: memory). No GPU measurement exists yet, so
+  other backends keep plain autodiff.
 
   Args:
-    shape: `[B, H, W, C]` of the images.
-    kernel_size: K, the window actually used.
+    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the images.
+    kernel_size: K, the window actually used (one, or one per spatial axis).
     padding: "valid" or "same".
     backend: `jax.default_backend()` when None.
 
@@ -77,35 +101,69 @@ def choose_chunk(shape: tuple[int, ...], *, kernel_size: int, padding: str,
   """
   if backend is None:
     backend = jax.default_backend()
-  _, h, w, _ = shape
-  h_out, w_out = (h, w) if padding == "same" else (h - kernel_size + 1,
-                                                   w - kernel_size + 1)
-  if backend != "cpu" or min(h_out, w_out) <= _MIN_FUSED_SIDE:
+  sides = _map_sides(shape, kernel_size, padding)
+  if backend != "cpu":
     return 0
-  return max(1, _CHUNK_ELEMENTS // (h * w))
+  plane = int(np.prod(shape[1:-1]))
+  if min(sides[-2:]) <= _MIN_FUSED_SIDE and not (
+      len(sides) == 3 and plane > _MAX_UNSLABBED):
+    return 0
+  return max(1, _CHUNK_ELEMENTS // plane)
+
+
+def choose_slab(shape: tuple[int, ...], *, kernel_size) -> int:
+  """Output depth slices per slab for the fused route, or 0 (whole planes).
+
+  Volumes of more than `_MAX_UNSLABBED` voxels (32 Mi: 300x512x512 is 78 Mi)
+  are cut into slabs of about `_SLAB_ELEMENTS` input voxels, but at least
+  2 (K_D - 1) output slices, so the K_D - 1 halo slices each slab re-reads
+  cost at most half of it.
+
+  Args:
+    shape: `[B, D, H, W, C]` (images `[B, H, W, C]` give 0).
+    kernel_size: the windows actually used (one, or one per spatial axis).
+
+  Returns:
+    Output depth slices per slab, or 0.
+  """
+  if len(shape) != 5 or int(np.prod(shape[1:-1])) <= _MAX_UNSLABBED:
+    return 0
+  k_d = (kernel_size[0] if isinstance(kernel_size, (tuple, list))
+         else kernel_size)
+  d, h, w = shape[1:-1]
+  per = max(2 * (k_d - 1), _SLAB_ELEMENTS // (h * w) - (k_d - 1), 1)
+  return min(per, d)
 
 
 class _Static(NamedTuple):
   """Hashable non-differentiable options of the custom_jvp."""
-  taps: tuple[float, ...]
+  taps: tuple[tuple[float, ...], ...]  # one window per spatial axis
   padding: str
   filter_method: str
   planes_per_chunk: int
+  slab_depth: int
 
   @property
-  def kernel(self) -> np.ndarray:
-    return np.asarray(self.taps, np.float32)
+  def kernel(self) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(t, np.float32) for t in self.taps)
 
 
 def to_nchw(a: jax.Array) -> jax.Array:
-  """`[B, H, W, C]` -> `[B, C, H, W]`."""
-  return jnp.transpose(a, (0, 3, 1, 2))
+  """`[B, H, W, C]` -> `[B, C, H, W]` (volumes `[B, D, H, W, C]` ->
+  `[B, C, D, H, W]`)."""
+  return jnp.moveaxis(a, -1, 1)
 
 
-def ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
-                  c1: jax.Array, c2: jax.Array, padding: str,
+def to_nhwc(a: jax.Array) -> jax.Array:
+  """Inverse of `to_nchw`."""
+  return jnp.moveaxis(a, 1, -1)
+
+
+def ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel, c1: jax.Array,
+                  c2: jax.Array, padding: str,
                   filter_method: str) -> jax.Array:
-  """Plain SSIM map of `[B, C, H, W]` images -> `[B, C, H', W']`.
+  """Plain SSIM map of `[B, C, H, W]` images -> `[B, C, H', W']` (volumes
+  `[B, C, D, H, W]` -> `[B, C, D', H', W']`).
 
   The SSIM routes convert the two images to NCHW once, so the ten blurs of
   a value and its gradient run without transposes (benchmarks/README.md:
@@ -118,49 +176,61 @@ def ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
 
 
 def plain_weighted_ssim_sum(x: jax.Array, y: jax.Array,
-                            map_weights: jax.Array, *, kernel: np.ndarray,
+                            map_weights: jax.Array, *, kernel,
                             c1: jax.Array, c2: jax.Array, padding: str,
                             filter_method: str) -> jax.Array:
   """`weighted_ssim_sum` under plain autodiff (the reference route).
 
-  Args and returns as `weighted_ssim_sum` (without `planes_per_chunk`).
+  Args and returns as `weighted_ssim_sum` (without the chunking options).
   """
   smap = ssim_map_nchw(to_nchw(x), to_nchw(y), kernel=kernel, c1=c1, c2=c2,
                        padding=padding, filter_method=filter_method)
-  return jnp.sum(to_nchw(map_weights) * smap, axis=(1, 2, 3))
+  return jnp.sum(to_nchw(map_weights) * smap, axis=tuple(range(1, x.ndim)))
 
 
 def weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
-                      kernel: np.ndarray, c1: jax.Array, c2: jax.Array,
+                      kernel, c1: jax.Array, c2: jax.Array,
                       padding: str, filter_method: str,
-                      planes_per_chunk: int) -> jax.Array:
+                      planes_per_chunk: int, slab_depth: int = 0
+                      ) -> jax.Array:
   """Per image, sum over (H', W', C) of `map_weights * ssim_map(x, y)`.
 
   Args:
-    x: float32 `[B, H, W, C]`.
-    y: float32 `[B, H, W, C]`.
+    x: float32 `[B, H, W, C]` (or `[B, D, H, W, C]`).
+    y: float32, same shape as `x`.
     map_weights: float32, broadcastable to the map `[B, H', W', C]`
-      (aligned to the map region; `[1, 1, 1, 1]` ones without a mask).
-    kernel: 1-D window `[K]`.
+      (aligned to the map region; all-ones `[1, 1, 1, 1]` without a mask).
+    kernel: 1-D window `[K]`, or one per spatial axis.
     c1: float32 `[B]`.
     c2: float32 `[B]`.
     padding: "valid" or "same".
     filter_method: blur lowering passed to `filters.blur`.
     planes_per_chunk: image planes (one channel of one image) per chunk of
       the fused derivative, >= 1 (`choose_chunk`).
+    slab_depth: volumes only: output depth slices per slab (`choose_slab`),
+      or 0 for whole volumes.
 
   Returns:
     float32 `[B]`.
   """
   if planes_per_chunk < 1:
     raise ValueError(f"planes_per_chunk must be >= 1, got {planes_per_chunk}")
-  static = _Static(tuple(float(t) for t in np.asarray(kernel, np.float32)),
-                   padding, filter_method, int(planes_per_chunk))
+  if slab_depth < 0 or (slab_depth and x.ndim != 5):
+    raise ValueError(f"slab_depth must be 0, or >= 1 for volumes, got "
+                     f"{slab_depth} for x of rank {x.ndim}")
+  kernels = filters.as_kernels(kernel, x.ndim - 2)
+  static = _Static(tuple(tuple(float(t) for t in k) for k in kernels),
+                   padding, filter_method, int(planes_per_chunk),
+                   int(slab_depth))
   return _fused(x, y, jnp.asarray(map_weights, jnp.float32), c1, c2, static)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _fused(x, y, map_weights, c1, c2, static: _Static):
+  if static.slab_depth:
+    # Slabs bound the memory of the value too.
+    return _value_and_grads(x, y, map_weights, c1, c2, static, need_x=False,
+                            need_y=False)[0]
   # Value only: the plain route (chunking did not speed up the forward pass).
   return plain_weighted_ssim_sum(x, y, map_weights, kernel=static.kernel,
                                  c1=c1, c2=c2, padding=static.padding,
@@ -183,33 +253,36 @@ def _fused_jvp(static: _Static, primals, tangents):
   need_y = not isinstance(t_y, SymbolicZero)
   value, g_x, g_y = _value_and_grads(x, y, map_weights, c1, c2, static,
                                      need_x=need_x, need_y=need_y)
+  axes = tuple(range(1, x.ndim))
   tangent = jnp.zeros_like(value)
   if need_x:
-    tangent = tangent + jnp.sum(g_x * t_x, axis=(1, 2, 3))
+    tangent = tangent + jnp.sum(g_x * t_x, axis=axes)
   if need_y:
-    tangent = tangent + jnp.sum(g_y * t_y, axis=(1, 2, 3))
+    tangent = tangent + jnp.sum(g_y * t_y, axis=axes)
   return value, tangent
 
 
 def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
                      need_x: bool, need_y: bool):
-  """Value `[B]` and gradient maps `[B, H, W, C]` (None where not needed)."""
-  b, h, w, c = x.shape
+  """Value `[B]` and gradient maps `[B, *S, C]` (None where not needed)."""
+  b, *sides, c = x.shape
+  sides = tuple(sides)
   n = b * c
-  k = len(static.taps)
-  h_out, w_out = (h, w) if static.padding == "same" else (h - k + 1,
-                                                          w - k + 1)
-  planes = [to_nchw(x).reshape(n, h, w), to_nchw(y).reshape(n, h, w)]
+  out_sides = _map_sides(x.shape, tuple(len(t) for t in static.taps),
+                         static.padding)
+  planes = [to_nchw(x).reshape((n,) + sides),
+            to_nchw(y).reshape((n,) + sides)]
   scalar_weight = map_weights.size == 1
   if scalar_weight:
     planes.append(jnp.broadcast_to(map_weights.reshape(()), (n,)))
   else:
-    planes.append(to_nchw(jnp.broadcast_to(map_weights, (b, h_out, w_out, c))
-                           ).reshape(n, h_out, w_out))
+    planes.append(to_nchw(jnp.broadcast_to(
+        map_weights, (b,) + out_sides + (c,))).reshape((n,) + out_sides))
   planes += [jnp.repeat(c1, c), jnp.repeat(c2, c)]
+  per_chunk = 1 if static.slab_depth else static.planes_per_chunk
   # Balanced chunks; the last is topped up with zero planes whose constants
   # are 1 (finite, discarded).
-  n_chunks = -(-n // min(static.planes_per_chunk, n))
+  n_chunks = -(-n // min(per_chunk, n))
   per = -(-n // n_chunks)
   extra = n_chunks * per - n
   if extra:
@@ -220,6 +293,10 @@ def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
   chunks = tuple(a.reshape((n_chunks, per) + a.shape[1:]) for a in planes)
 
   def body(chunk):
+    if static.slab_depth:
+      return _slabbed_value_and_grads(*chunk, static=static,
+                                      scalar_weight=scalar_weight,
+                                      need_x=need_x, need_y=need_y)
     return _chunk_value_and_grads(*chunk, static=static,
                                   scalar_weight=scalar_weight,
                                   need_x=need_x, need_y=need_y)
@@ -233,34 +310,42 @@ def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
     # [n_chunks, per, ...] -> [n, ...], padding planes dropped.
     return a.reshape((n_chunks * per,) + a.shape[2:])[:n]
 
-  def to_nhwc(g):
+  def to_channels_last(g):
     if g is None:
       return None
-    return jnp.transpose(unchunk(g).reshape(b, c, h, w), (0, 2, 3, 1))
+    return to_nhwc(unchunk(g).reshape((b, c) + sides))
 
   value = unchunk(out[0]).reshape(b, c).sum(axis=1)
-  return value, to_nhwc(out[1]), to_nhwc(out[2])
+  return value, to_channels_last(out[1]), to_channels_last(out[2])
+
+
+def _weighted_sum_fn(ox, oy, c1, c2, weights, border_mass):
+  """sum(weights * ssim) from the five blurred maps (elementwise)."""
+  def weighted_sum(*maps):
+    st = stats_lib.moments_from_blurs(maps, ox, oy, border_mass=border_mass)
+    luminance, cs = stats_lib.luminance_cs(st, c1, c2)
+    return jnp.sum(weights * (luminance * cs),
+                   axis=tuple(range(1, weights.ndim)))
+  return weighted_sum
 
 
 def _chunk_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
                            scalar_weight: bool, need_x: bool, need_y: bool):
-  """One chunk: planes `[n, H, W]`, weights `[n]` or `[n, H', W']`,
-  constants `[n]` -> (value `[n]`, g_x, g_y `[n, H, W]` or None)."""
+  """One chunk: planes `[n, *S]`, weights `[n]` or `[n, *S']`,
+  constants `[n]` -> (value `[n]`, g_x, g_y `[n, *S]` or None)."""
   kernel = static.kernel
-  # Each plane is an image with one channel: NCHW `[n, 1, H, W]`.
-  xc, yc, ox, oy = stats_lib.centre(x[:, None], y[:, None], (2, 3))
+  # Each plane is an image with one channel: NCHW `[n, 1, *S]`.
+  xc, yc, ox, oy = stats_lib.centre(x[:, None], y[:, None],
+                                    tuple(range(2, x.ndim + 1)))
   blurred, b1 = stats_lib.blurred_moments(
       xc, yc, kernel=kernel, padding=static.padding,
       filter_method=static.filter_method, layout="NCHW")
-  weights = (weights[:, None, None, None] if scalar_weight
+  weights = (weights.reshape((-1,) + (1,) * x.ndim) if scalar_weight
              else weights[:, None])
-
-  def weighted_sum(*maps):
-    st = stats_lib.moments_from_blurs(maps, ox, oy, border_mass=b1)
-    luminance, cs = stats_lib.luminance_cs(st, c1, c2)
-    return jnp.sum(weights * (luminance * cs), axis=(1, 2, 3))
-
-  value, pullback = jax.vjp(weighted_sum, *blurred)
+  value, pullback = jax.vjp(
+      _weighted_sum_fn(ox, oy, c1, c2, weights, b1), *blurred)
+  if not (need_x or need_y):
+    return value, None, None
   p_mx, p_my, p_xx, p_yy, p_xy = pullback(jnp.ones_like(value))
 
   def adjoint(a):
@@ -274,3 +359,102 @@ def _chunk_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
   if need_y:
     g_y = (adjoint(p_my) + 2.0 * yc * adjoint(p_yy) + xc * cross)[:, 0]
   return value, g_x, g_y
+
+
+def _slabbed_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
+                             scalar_weight: bool, need_x: bool,
+                             need_y: bool):
+  """One volume cut into depth slabs: x, y `[1, D, H, W]`, weights `[1]` or
+  `[1, D', H', W']`, constants `[1]` -> (value `[1]`, g_x, g_y `[1, D, H, W]`
+  or None).
+
+  D is made 'valid' by zero-padding the centred volumes by K_D // 2 for
+  'same' padding (what 'same' blurs do), so that output slab j of `dz`
+  slices reads the input slices [j dz, j dz + dz + K_D - 1). One
+  `lax.scan` over output slabs computes the slab's value, its `P_*` maps
+  and their adjoint blurs (which land on those same dz + K_D - 1 input
+  slices) and adds them into the gradient volumes carried by the scan
+  (updated in place). Nothing volume-sized is kept but the two centred
+  inputs and the gradients. Output slices past D' (the last slab's
+  top-up) get weight 0, so they add nothing.
+  """
+  kernel = static.kernel
+  k_d = kernel[0].shape[0]
+  same = static.padding == "same"
+  d, h, w = x.shape[1:]
+  d_out = d if same else d - k_d + 1
+  dz = min(static.slab_depth, d_out)
+  n_out = -(-d_out // dz)
+  top_up = n_out * dz - d_out
+  xc, yc, ox, oy = stats_lib.centre(x[:, None], y[:, None], (2, 3, 4))
+  lead = k_d // 2 if same else 0
+  # Input slices read by the output slabs (the last one topped up).
+  d_in = n_out * dz + k_d - 1
+
+  def pad_depth(a):
+    return jnp.pad(a[0, 0], ((lead, d_in - lead - d), (0, 0), (0, 0)))
+
+  xp, yp = pad_depth(xc), pad_depth(yc)
+  paddings = ("valid",) + (static.padding,) * 2
+  if scalar_weight:
+    w_depth = jnp.pad(jnp.broadcast_to(weights.reshape(()), (d_out,)),
+                      (0, top_up))
+  else:
+    w_map = jnp.pad(weights[0], ((0, top_up), (0, 0), (0, 0)))
+  if same:
+    bd, bh, bw = stats_lib.border_mass_vectors((d, h, w), kernel)
+    # Topped-up slices: mass 1 (finite; their weight is 0).
+    bd = jnp.asarray(np.concatenate([bd, np.ones(top_up, np.float32)]),
+                     xp.dtype)
+    bh, bw = jnp.asarray(bh, xp.dtype), jnp.asarray(bw, xp.dtype)
+
+  def step(grads, j):
+    z0 = j * dz
+    sx = jax.lax.dynamic_slice_in_dim(xp, z0, dz + k_d - 1)[None, None]
+    sy = jax.lax.dynamic_slice_in_dim(yp, z0, dz + k_d - 1)[None, None]
+    blurred = tuple(
+        filters.blur(a, kernel, padding=paddings,
+                     method=static.filter_method, layout="NCHW")
+        for a in (sx, sy, sx * sx, sy * sy, sx * sy))
+    b1 = None
+    if same:
+      b1 = stats_lib.outer((jax.lax.dynamic_slice_in_dim(bd, z0, dz), bh,
+                            bw))[None, None]
+    if scalar_weight:
+      wj = jax.lax.dynamic_slice_in_dim(w_depth, z0, dz)
+      wj = wj[None, None, :, None, None]
+    else:
+      wj = jax.lax.dynamic_slice_in_dim(w_map, z0, dz)[None, None]
+    value, pullback = jax.vjp(_weighted_sum_fn(ox, oy, c1, c2, wj, b1),
+                              *blurred)
+    if not (need_x or need_y):
+      return grads, value
+    p_mx, p_my, p_xx, p_yy, p_xy = pullback(jnp.ones_like(value))
+
+    def adjoint(a):
+      # [1, 1, dz, H', W'] -> [1, 1, dz + K_D - 1, H, W]: the input slab.
+      return filters.blur_adjoint(a, kernel, padding=paddings,
+                                  method=static.filter_method)
+
+    def accumulate(g, part):
+      old = jax.lax.dynamic_slice_in_dim(g, z0, dz + k_d - 1)
+      return jax.lax.dynamic_update_slice_in_dim(g, old + part[0, 0], z0, 0)
+
+    g_x, g_y = grads
+    cross = adjoint(p_xy)
+    if need_x:
+      g_x = accumulate(g_x, adjoint(p_mx) + 2.0 * sx * adjoint(p_xx)
+                       + sy * cross)
+    if need_y:
+      g_y = accumulate(g_y, adjoint(p_my) + 2.0 * sy * adjoint(p_yy)
+                       + sx * cross)
+    return (g_x, g_y), value
+
+  zeros = jnp.zeros_like(xp)
+  init = (zeros if need_x else None, zeros if need_y else None)
+  (g_x, g_y), values = jax.lax.scan(step, init, jnp.arange(n_out))
+
+  def crop(g):
+    return None if g is None else g[lead:lead + d][None]
+
+  return jnp.sum(values, axis=0), crop(g_x), crop(g_y)

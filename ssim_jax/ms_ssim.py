@@ -8,6 +8,14 @@ images (and the mask) are 2x2 average-pooled; an odd side is zero-padded by
 one pixel first, exactly like pytorch-msssim's `avg_pool2d(padding=s % 2)`,
 whose values this module reproduces (golden fixture in tests/fixtures).
 
+Volumes (`spatial_dims=3`): the pyramid halves an axis only while the halved
+side (ceil(n / 2)) stays at least that axis's window, so a thin
+through-plane axis (D of an MR volume with 5 mm slices, say) stops
+shrinking while H and W go on. H and W must reach every level, so each
+needs `(K - 1) 2^(levels - 1) + 1` voxels as in 2-D (where the same rule
+always halves both axes); D needs only its window K_D. The window is the
+same at every level, in voxels.
+
 `relu` keeps negative contrast-structure at coarse scales from producing
 NaN in a fractional power (anti-correlated inputs); the power itself is made
 gradient-safe below `_POW_EPS` (see `_safe_pow`).
@@ -108,17 +116,45 @@ def _fitting_settings(side: int, window_size: int, levels: int) -> str:
   return " or ".join(parts) if parts else "no setting (image too small)"
 
 
-def _pool(a: jax.Array) -> jax.Array:
-  """2x2 average pooling; odd sides padded by one leading zero (count 4)."""
-  _, h, w, _ = a.shape
-  a = jnp.pad(a, ((0, 0), (h % 2, 0), (w % 2, 0), (0, 0)))
-  b, h, w, c = a.shape
-  return a.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+def _pool(a: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+  """Average pooling by 2 along `axes` (default: every spatial axis of
+  `[B, *S, C]`); odd sides padded by one leading zero (counted in the
+  mean, as pytorch-msssim's `avg_pool2d(padding=s % 2)`)."""
+  if axes is None:
+    axes = tuple(range(1, a.ndim - 1))
+  a = jnp.pad(a, [(a.shape[i] % 2, 0) if i in axes else (0, 0)
+                  for i in range(a.ndim)])
+  shape, mean_axes = [], []
+  for i, n in enumerate(a.shape):
+    if i in axes:
+      shape += [n // 2, 2]
+      mean_axes.append(len(shape) - 1)
+    else:
+      shape.append(n)
+  return a.reshape(shape).mean(axis=tuple(mean_axes))
+
+
+def pyramid_axes(sides: tuple[int, ...], windows: tuple[int, ...]
+                 ) -> tuple[int, ...]:
+  """Spatial axes (counted from 1, as in `[B, *S, C]`) halved on the way to
+  the next level: those whose halved side ceil(n / 2) is still >= the
+  window."""
+  return tuple(i + 1 for i, (n, k) in enumerate(zip(sides, windows))
+               if -(-n // 2) >= k)
+
+
+def min_sizes(levels: int, windows: tuple[int, ...]) -> tuple[int, ...]:
+  """Smallest side per spatial axis for `levels` scales: H and W (the last
+  two axes) `min_size`, D (volumes) its window."""
+  in_plane = tuple(min_size(levels, k) for k in windows[-2:])
+  return tuple(windows[:-2]) + in_plane
 
 
 def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
                   foreground):
-  """Per image and channel weighted means of the cs and SSIM maps, [B, C]."""
+  """Per image and channel weighted means of the cs and SSIM maps, [B, C]
+  (x, y `[B, *S, C]`)."""
+  axes = tuple(range(1, x.ndim - 1))
   if foreground:
     st, local_mass = stats_lib.masked_local_stats(
         x, y, mask, kernel=kernel, padding=padding,
@@ -133,31 +169,51 @@ def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
     weights = jnp.broadcast_to(_align(mask, kernel, padding), cs.shape)
     if foreground:
       weights = jnp.where(local_mass > 0, weights, 0.0)
-  mass = jnp.sum(weights, axis=(1, 2))
-  cs_mean = safe_ratio(jnp.sum(weights * cs, axis=(1, 2)), mass)
-  ssim_mean = safe_ratio(jnp.sum(weights * luminance * cs, axis=(1, 2)),
+  mass = jnp.sum(weights, axis=axes)
+  cs_mean = safe_ratio(jnp.sum(weights * cs, axis=axes), mass)
+  ssim_mean = safe_ratio(jnp.sum(weights * luminance * cs, axis=axes),
                          mass)
   return cs_mean, ssim_mean, mass
 
 
+def _too_small_message(sides, window: checks.Window, levels: int) -> str:
+  ws = window.sizes
+  if len(sides) == 2 and window.isotropic:
+    side = min(sides)
+    return (f"x images of {sides[0]}x{sides[1]} are too small for MS-SSIM "
+            f"with levels={levels} and window_size={ws[0]}: the minimum side "
+            f"is {min_size(levels, ws[0])}; use "
+            f"{_fitting_settings(side, ws[0], levels)}")
+  letters = "HW" if len(sides) == 2 else "DHW"
+  fits = [lv for lv in range(1, 9) if all(
+      n >= m for n, m in zip(sides, min_sizes(lv, ws)))]
+  use = (f"use levels={fits[-1]} or a smaller window" if fits
+         else "use a smaller window (one level does not fit)")
+  return (f"x {'images' if len(sides) == 2 else 'volumes'} of "
+          f"{'x'.join(map(str, sides))} are too small for MS-SSIM with "
+          f"levels={levels} and window_size={ws} ({letters}): the minimum "
+          f"size per axis ({', '.join(letters)}) is "
+          f"{min_sizes(levels, ws)} (H and W are halved at every level, D "
+          f"only while it stays >= its window); {use}")
+
+
 def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
-                   mask, mask_mode, filter_method, levels, weights):
+                   mask, mask_mode, filter_method, levels, weights,
+                   spatial_dims, spacing):
   """Validated MS-SSIM: (per-image value [B], per-image mass [B], batched)."""
   level_weights = _check_levels(levels, weights)
   levels = len(level_weights)
   s = _setup(x, y, data_range=data_range, window_size=window_size,
              sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method)
-  ws, _ = checks.check_window(window_size, sigma)
-  _, h, w, _ = s.x.shape
-  side = min(h, w)
-  if side < min_size(levels, ws):
-    raise ValueError(
-        f"x images of {h}x{w} are too small for MS-SSIM with levels={levels} "
-        f"and window_size={ws}: the minimum side is {min_size(levels, ws)}; "
-        f"use {_fitting_settings(side, ws, levels)}")
+             mask_mode=mask_mode, filter_method=filter_method,
+             spatial_dims=spatial_dims, spacing=spacing)
+  ws = s.window.sizes
+  sides = tuple(s.x.shape[1:-1])
+  if any(n < m for n, m in zip(sides, min_sizes(levels, ws))):
+    raise ValueError(_too_small_message(sides, s.window, levels))
   # The window does not shrink in MS-SSIM: every level uses the same window.
-  kernel = filters.gaussian_kernel(ws, sigma)
+  kernel = tuple(filters.gaussian_kernel(k, sg)
+                 for k, sg in zip(ws, s.window.sigmas))
   foreground = s.mask is not None and s.mask_mode == "foreground"
   xs, ys, ms = s.x, s.y, s.mask
   if foreground:
@@ -176,15 +232,16 @@ def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
     factors.append(_safe_pow(ssim_mean if last else cs_mean,
                              level_weights[level]))
     if not last:
+      axes = pyramid_axes(tuple(xs.shape[1:-1]), ws)
       if foreground:
         mb = jnp.broadcast_to(ms, xs.shape)
-        pm = _pool(mb)
-        xs = safe_ratio(_pool(mb * xs), pm)
-        ys = safe_ratio(_pool(mb * ys), pm)
-        ms = _pool(ms)
+        pm = _pool(mb, axes)
+        xs = safe_ratio(_pool(mb * xs, axes), pm)
+        ys = safe_ratio(_pool(mb * ys, axes), pm)
+        ms = _pool(ms, axes)
       else:
-        xs, ys = _pool(xs), _pool(ys)
-        ms = None if ms is None else _pool(ms)
+        xs, ys = _pool(xs, axes), _pool(ys, axes)
+        ms = None if ms is None else _pool(ms, axes)
   per_channel = factors[0]
   for f in factors[1:]:
     per_channel = per_channel * f
@@ -200,8 +257,8 @@ def ms_ssim(
     y: jax.Array,
     *,
     data_range: float | jax.Array = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     padding: str = "valid",
@@ -210,27 +267,37 @@ def ms_ssim(
     filter_method: str = "auto",
     levels: int = 5,
     weights: Sequence[float] | None = None,
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> jax.Array:
   """Per-image MS-SSIM.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, float16/bfloat16/float32; the smaller
-      side must be >= (window_size - 1) * 2^(levels-1) + 1 (161 for the
-      defaults), else a ValueError names settings that fit.
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      float16/bfloat16/float32; H and W must be >= (window_size - 1) *
+      2^(levels-1) + 1 (161 for the defaults), D >= its window, else a
+      ValueError names the minimum and settings that fit.
     y: same shape as `x`.
     data_range: float or float array `[B]`.
-    window_size: odd window >= 3 (used unchanged at every level).
-    sigma: Gaussian standard deviation, pixels.
+    window_size: odd window >= 3, or one per spatial axis (None: 11, with
+      `spacing` +-3.5 sigma per axis); used unchanged at every level.
+    sigma: Gaussian standard deviation, pixels (physical with `spacing`),
+      one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
     padding: "valid" or "same".
-    mask: optional non-negative weights `[B, H, W, 1|C]`, pooled with the
-      images at each level.
+    mask: optional non-negative weights `[B, H, W, 1|C]`
+      (`[B, D, H, W, 1|C]`), pooled with the images at each level.
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering.
     levels: number of scales; with `weights=None` and levels < 5 the first
       `levels` standard weights are used, renormalised to sum to 1.
     weights: optional per-level exponents (non-negative floats).
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm): `sigma` is then physical, and the default
+      window per axis the odd size covering +-3.5 sigma / spacing voxels.
 
   Returns:
     float32 `[B]` in [0, 1] (scalar for `[H, W, C]` inputs); 0 with zero
@@ -242,7 +309,8 @@ def ms_ssim(
   value, _, batched = _ms_ssim_parts(
       x, y, data_range=data_range, window_size=window_size, sigma=sigma,
       k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
-      filter_method=filter_method, levels=levels, weights=weights)
+      filter_method=filter_method, levels=levels, weights=weights,
+      spatial_dims=spatial_dims, spacing=spacing)
   return value if batched else value[0]
 
 
@@ -251,8 +319,8 @@ def ms_ssim_loss(
     y: jax.Array,
     *,
     data_range: float | jax.Array = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     padding: str = "valid",
@@ -261,23 +329,34 @@ def ms_ssim_loss(
     filter_method: str = "auto",
     levels: int = 5,
     weights: Sequence[float] | None = None,
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> jax.Array:
   """Scalar `1 - MS-SSIM`, images weighted by their (level-0) mask mass.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, floating.
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      floating.
     y: same shape as `x`.
     data_range: float or float array `[B]`.
-    window_size: odd window >= 3.
-    sigma: Gaussian standard deviation, pixels.
+    window_size: odd window >= 3, or one per spatial axis (None: 11, with
+      `spacing` +-3.5 sigma per axis).
+    sigma: Gaussian standard deviation, pixels (physical with `spacing`),
+      one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
     padding: "valid" or "same".
-    mask: optional non-negative weights `[B, H, W, 1|C]`.
+    mask: optional non-negative weights `[B, H, W, 1|C]`
+      (`[B, D, H, W, 1|C]`).
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering.
     levels: number of scales.
     weights: optional per-level exponents.
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm): `sigma` is then physical, and the default
+      window per axis the odd size covering +-3.5 sigma / spacing voxels.
 
   Returns:
     float32 scalar in [0, 1]; 0 with zero gradient when the mask mass is 0.
@@ -288,7 +367,8 @@ def ms_ssim_loss(
   value, mass, _ = _ms_ssim_parts(
       x, y, data_range=data_range, window_size=window_size, sigma=sigma,
       k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
-      filter_method=filter_method, levels=levels, weights=weights)
+      filter_method=filter_method, levels=levels, weights=weights,
+      spatial_dims=spatial_dims, spacing=spacing)
   total = jnp.sum(mass)
   return jnp.where(total > 0,
                    1.0 - safe_ratio(jnp.sum(mass * value), total), 0.0)

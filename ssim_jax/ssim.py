@@ -3,6 +3,16 @@
 Contract (all public functions): images channels-last `[B, H, W, C]` (or
 `[H, W, C]`, then the batch axis is dropped from results), float16, bfloat16
 or float32; statistics and results in float32; one value per image pair.
+With `spatial_dims=3` the same holds for volumes `[B, D, H, W, C]` (or
+`[D, H, W, C]`): the window, the statistics, the masks and the map gain the
+D axis, through the same code.
+
+Window (`checks.check_window`): `window_size` and `sigma` are one value or
+one per spatial axis; `spacing` (physical voxel size per axis, e.g. mm)
+makes `sigma` physical (sigma in voxels = sigma / spacing) and the default
+window per axis the odd size covering +-3.5 sigma (`2 int(3.5 sigma + 0.5)
++ 1` voxels, skimage's truncate=3.5: 11 for sigma 1.5). Without spacing the
+default window is 11 on every axis.
 
     SSIM = l * cs,   l  = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1),
                      cs = (2 cov + C2) / (var_x + var_y + C2),
@@ -14,11 +24,12 @@ hold in float32, so SSIM is in [-1, 1] and every loss `1 - SSIM` is in
 gradient whenever SSIM < 0). `ssim(x, x) == 1` exactly: the two images go
 through identical expressions.
 
-Masks are per-pixel non-negative weights broadcastable to `[B, H, W, 1|C]`:
+Masks are per-pixel non-negative weights broadcastable to `[B, H, W, 1|C]`
+(`[B, D, H, W, 1|C]`):
 
 - ``mask_mode="weighted"``: the map is averaged with the mask as weights,
-  the mask cropped to the valid region of the map (`K//2` pixels per side for
-  'valid' padding). A mask of ones equals no mask.
+  the mask cropped to the valid region of the map (`K//2` pixels per side of
+  each axis for 'valid' padding). A mask of ones equals no mask.
 - ``mask_mode="foreground"``: the window statistics themselves are
   mask-weighted (normalised convolution), so masked-out pixels cannot change
   the result whatever their value; the map is then averaged with the
@@ -35,7 +46,7 @@ hide it (a trainer decides to skip the step).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import chex
 import jax
@@ -52,33 +63,37 @@ class SSIMSums(NamedTuple):
   """Additive per-image SSIM partial results.
 
   Attributes:
-    weighted_sum: float32 `[B]`, sum over (H', W', C) of weight * SSIM map.
-    mass: float32 `[B]`, sum over (H', W', C) of the weight (mask aligned to
-      the map and broadcast over channels; H'W'C when there is no mask).
+    weighted_sum: float32 `[B]`, sum over (H', W', C) (volumes: (D', H', W',
+      C)) of weight * SSIM map.
+    mass: float32 `[B]`, sum over the same axes of the weight (mask aligned
+      to the map and broadcast over channels; H'W'C when there is no mask).
   """
   weighted_sum: jax.Array
   mass: jax.Array
 
 
 class _Setup(NamedTuple):
-  x: jax.Array          # float32 [B, H, W, C]
-  y: jax.Array          # float32 [B, H, W, C]
+  x: jax.Array          # float32 [B, *S, C], S = (H, W) or (D, H, W)
+  y: jax.Array          # float32 [B, *S, C]
   batched: bool
-  kernel: np.ndarray    # [K] window actually used (after shrinking)
+  kernel: tuple[np.ndarray, ...]  # [K_a] per spatial axis, after shrinking
   c1: jax.Array         # float32 [B]
   c2: jax.Array         # float32 [B]
-  mask: jax.Array | None  # float32 [B, H, W, 1|C], full resolution
+  mask: jax.Array | None  # float32 [B, *S, 1|C], full resolution
   padding: str
   mask_mode: str
   filter_method: str
+  window: checks.Window  # requested window (MS-SSIM uses it unshrunk)
 
 
 def _setup(x, y, *, data_range, window_size, sigma, k1, k2, padding, mask,
-           mask_mode, filter_method, mask_name="mask") -> _Setup:
+           mask_mode, filter_method, spatial_dims, spacing,
+           mask_name="mask") -> _Setup:
   """Validates every argument (trace time) and prepares float32 inputs."""
-  images = checks.check_images(x, y)
-  b, h, w, _ = images.x.shape
-  window_size, sigma = checks.check_window(window_size, sigma)
+  images = checks.check_images(x, y, spatial_dims=spatial_dims)
+  b, *sides, _ = images.x.shape
+  window = checks.check_window(window_size, sigma, spatial_dims=spatial_dims,
+                               spacing=spacing)
   k1, k2 = checks.check_constants(k1, k2)
   padding = checks.check_choice(padding, "padding", checks.PADDINGS)
   mask_mode = checks.check_choice(mask_mode, "mask_mode", checks.MASK_MODES)
@@ -86,26 +101,27 @@ def _setup(x, y, *, data_range, window_size, sigma, k1, k2, padding, mask,
   dr = checks.check_data_range(data_range, b, ks=(k1, k2))
   mask = checks.check_mask(mask, images.x.shape, batched=images.batched,
                            name=mask_name)
-  k = checks.effective_window(window_size, h, w)
-  kernel = filters.gaussian_kernel(k, sigma)
+  ks = checks.effective_windows(window, sides)
+  kernel = tuple(filters.gaussian_kernel(k, sg)
+                 for k, sg in zip(ks, window.sigmas))
   c1 = jnp.square(k1 * dr)
   c2 = jnp.square(k2 * dr)
   return _Setup(images.x, images.y, images.batched, kernel, c1, c2, mask,
-                padding, mask_mode, filter_method)
+                padding, mask_mode, filter_method, window)
 
 
-def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
+def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: tuple[np.ndarray, ...],
               c1: jax.Array, c2: jax.Array, padding: str,
               filter_method: str) -> jax.Array:
-  """SSIM map of float32 `[B, H, W, C]` images -> `[B, H', W', C]`."""
-  return jnp.transpose(
+  """SSIM map of float32 `[B, *S, C]` images -> `[B, *S', C]`."""
+  return fused.to_nhwc(
       fused.ssim_map_nchw(fused.to_nchw(x), fused.to_nchw(y), kernel=kernel,
                           c1=c1, c2=c2, padding=padding,
-                          filter_method=filter_method), (0, 2, 3, 1))
+                          filter_method=filter_method))
 
 
 def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
-  """Foreground-only SSIM map and its weights, both `[B, H', W', C]`."""
+  """Foreground-only SSIM map and its weights, both `[B, *S', C]`."""
   st, local_mass = stats_lib.masked_local_stats(
       s.x, s.y, s.mask, kernel=s.kernel, padding=s.padding,
       filter_method=s.filter_method)
@@ -116,44 +132,53 @@ def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
   return smap, weights
 
 
-def _align(mask: jax.Array, kernel: np.ndarray, padding: str) -> jax.Array:
-  """Crops a full-resolution mask to the region of the map."""
+def _align(mask: jax.Array, kernel, padding: str) -> jax.Array:
+  """Crops a full-resolution mask `[B, *S, 1|C]` to the region of the map
+  (`kernel`: the window(s) of the map, one per spatial axis)."""
   if padding == "same":
     return mask
-  r = kernel.shape[0] // 2
-  return mask[:, r:mask.shape[1] - r, r:mask.shape[2] - r, :]
+  kernels = filters.as_kernels(kernel, mask.ndim - 2)
+  index = (slice(None),) + tuple(
+      slice(k.shape[0] // 2, n - k.shape[0] // 2)
+      for k, n in zip(kernels, mask.shape[1:-1])) + (slice(None),)
+  return mask[index]
 
 
-def _map_size(s: _Setup) -> tuple[int, int, int, int]:
-  b, h, w, c = s.x.shape
+def _map_size(s: _Setup) -> tuple[int, ...]:
+  b, *sides, c = s.x.shape
   if s.padding == "same":
-    return b, h, w, c
-  k = s.kernel.shape[0]
-  return b, h - k + 1, w - k + 1, c
+    return tuple(s.x.shape)
+  return (b,) + tuple(n - k.shape[0] + 1
+                      for n, k in zip(sides, s.kernel)) + (c,)
 
 
 def _sums(s: _Setup) -> SSIMSums:
+  axes = tuple(range(1, s.x.ndim))
   if s.mask is not None and s.mask_mode == "foreground":
     smap, weights = _foreground_map(s)
-    return SSIMSums(jnp.sum(weights * smap, axis=(1, 2, 3)),
-                    jnp.sum(weights, axis=(1, 2, 3)))
+    return SSIMSums(jnp.sum(weights * smap, axis=axes),
+                    jnp.sum(weights, axis=axes))
   shape = _map_size(s)
   if s.mask is None:
-    map_weights = jnp.ones((1, 1, 1, 1), jnp.float32)
+    map_weights = jnp.ones((1,) * s.x.ndim, jnp.float32)
     mass = jnp.full((shape[0],), float(np.prod(shape[1:])), jnp.float32)
   else:
     map_weights = _align(s.mask, s.kernel, s.padding)
-    mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=(1, 2, 3))
+    mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=axes)
   # The single route of every non-foreground SSIM value.
   chunk = 0
   if s.filter_method == "auto":
-    chunk = fused.choose_chunk(s.x.shape, kernel_size=s.kernel.shape[0],
-                               padding=s.padding)
+    chunk = fused.choose_chunk(
+        s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel),
+        padding=s.padding)
   common = dict(kernel=s.kernel, c1=s.c1, c2=s.c2, padding=s.padding,
                 filter_method=s.filter_method)
   if chunk:
-    total = fused.weighted_ssim_sum(s.x, s.y, map_weights,
-                                    planes_per_chunk=chunk, **common)
+    total = fused.weighted_ssim_sum(
+        s.x, s.y, map_weights, planes_per_chunk=chunk,
+        slab_depth=fused.choose_slab(
+            s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel)),
+        **common)
   else:
     total = fused.plain_weighted_ssim_sum(s.x, s.y, map_weights, **common)
   return SSIMSums(total, mass)
@@ -174,31 +199,38 @@ def ssim_map(
     y: jax.Array,
     *,
     data_range: float | jax.Array = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     padding: str = "valid",
     mask: jax.Array | None = None,
     mask_mode: str = "weighted",
     filter_method: str = "auto",
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> jax.Array:
   """Per-pixel SSIM map.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, float16/bfloat16/float32.
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      float16/bfloat16/float32.
     y: same shape as `x`.
     data_range: dynamic range L of the images (e.g. 1.0 or 255.0), a float or
       a float array `[B]` (per image).
-    window_size: odd Gaussian window size >= 3; shrinks to the largest odd
-      size that fits images smaller than the window.
-    sigma: Gaussian standard deviation, pixels.
+    window_size: odd Gaussian window size >= 3, or one per spatial axis
+      (voxels); None: 11, or with `spacing` +-3.5 sigma per axis. One size
+      shrinks to the largest odd size that fits the smallest side; per-axis
+      sizes shrink axis by axis.
+    sigma: Gaussian standard deviation, pixels (physical units with
+      `spacing`), one or one per spatial axis.
     k1: luminance constant, C1 = (k1 L)^2.
     k2: contrast constant, C2 = (k2 L)^2.
     padding: "valid" (map `[B, H-K+1, W-K+1, C]`; skimage, dm_pix,
       pytorch-msssim, tf.image.ssim) or "same" (zero padding, map
       `[B, H, W, C]`; Gaussian-splatting code, fused-ssim).
-    mask: optional non-negative weights `[B, H, W, 1|C]`. In "weighted" mode
+    mask: optional non-negative weights `[B, H, W, 1|C]`
+      (`[B, D, H, W, 1|C]`). In "weighted" mode
       the map does not depend on it (use `ssim` for the weighted mean); in
       "foreground" mode the map is computed from masked pixels only.
     mask_mode: "weighted" or "foreground".
@@ -206,6 +238,11 @@ def ssim_map(
       it, and `fused.choose_chunk` whether the gradient of the SSIM value
       is the fused analytic one (`ssim_jax.fused`); a named lowering
       ("conv", "matmul", "slices") runs under plain autodiff.
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm): `sigma` is then physical, and the default
+      window per axis the odd size covering +-3.5 sigma / spacing voxels.
 
   Returns:
     float32 map `[B, H', W', C]` (no batch axis for `[H, W, C]` inputs),
@@ -219,7 +256,8 @@ def ssim_map(
   """
   s = _setup(x, y, data_range=data_range, window_size=window_size,
              sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method)
+             mask_mode=mask_mode, filter_method=filter_method,
+             spatial_dims=spatial_dims, spacing=spacing)
   if s.mask is not None and s.mask_mode == "foreground":
     smap, _ = _foreground_map(s)
   else:
@@ -234,14 +272,16 @@ def ssim_sums(
     y: jax.Array,
     *,
     data_range: float | jax.Array = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     padding: str = "valid",
     mask: jax.Array | None = None,
     mask_mode: str = "weighted",
     filter_method: str = "auto",
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> SSIMSums:
   """Per-image mask-weighted SSIM sum and mask mass (additive partials).
 
@@ -250,18 +290,27 @@ def ssim_sums(
   `loss_from_sums`), so images count by their mask mass.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, floating.
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      floating.
     y: same shape as `x`.
     data_range: float or float array `[B]`.
-    window_size: odd window >= 3 (shrinks for small images).
-    sigma: Gaussian standard deviation, pixels.
+    window_size: odd window >= 3, or one per spatial axis; None: 11 (with
+      `spacing`: +-3.5 sigma per axis). Shrinks for small images.
+    sigma: Gaussian standard deviation, pixels (physical with `spacing`),
+      one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
     padding: "valid" or "same".
-    mask: optional non-negative weights `[B, H, W, 1|C]` at full image
+    mask: optional non-negative weights `[B, H, W, 1|C]`
+      (`[B, D, H, W, 1|C]`) at full image
       resolution (aligned to the map region by the library).
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering.
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm): `sigma` is then physical, and the default
+      window per axis the odd size covering +-3.5 sigma / spacing voxels.
 
   Returns:
     `SSIMSums(weighted_sum, mass)`, each float32 `[B]` (scalars for
@@ -273,7 +322,8 @@ def ssim_sums(
   """
   s = _setup(x, y, data_range=data_range, window_size=window_size,
              sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method)
+             mask_mode=mask_mode, filter_method=filter_method,
+             spatial_dims=spatial_dims, spacing=spacing)
   out = _sums(s)
   chex.assert_shape([out.weighted_sum, out.mass], (s.x.shape[0],))
   return SSIMSums(_unbatch(out.weighted_sum, s.batched),
@@ -285,29 +335,39 @@ def ssim(
     y: jax.Array,
     *,
     data_range: float | jax.Array = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     padding: str = "valid",
     mask: jax.Array | None = None,
     mask_mode: str = "weighted",
     filter_method: str = "auto",
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> jax.Array:
   """Per-image SSIM (Wang et al. 2004), the mask-weighted mean of the map.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, float16/bfloat16/float32.
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      float16/bfloat16/float32.
     y: same shape as `x`.
     data_range: float or float array `[B]`.
-    window_size: odd window >= 3 (shrinks for small images).
-    sigma: Gaussian standard deviation, pixels.
+    window_size: odd window >= 3, or one per spatial axis; None: 11 (with
+      `spacing`: +-3.5 sigma per axis). Shrinks for small images.
+    sigma: Gaussian standard deviation, pixels (physical with `spacing`),
+      one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
     padding: "valid" or "same".
-    mask: optional non-negative weights `[B, H, W, 1|C]`.
+    mask: optional non-negative weights `[B, H, W, 1|C]` (`[B, D, H, W, 1|C]`).
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering.
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm): `sigma` is then physical, and the default
+      window per axis the odd size covering +-3.5 sigma / spacing voxels.
 
   Returns:
     float32 `[B]` in [-1, 1] (scalar for `[H, W, C]` inputs). An image whose
@@ -319,7 +379,8 @@ def ssim(
   """
   sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
                    sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-                   mask_mode=mask_mode, filter_method=filter_method)
+                   mask_mode=mask_mode, filter_method=filter_method,
+             spatial_dims=spatial_dims, spacing=spacing)
   return safe_ratio(sums.weighted_sum, sums.mass)
 
 
@@ -347,14 +408,16 @@ def ssim_loss(
     y: jax.Array,
     *,
     data_range: float | jax.Array = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     padding: str = "valid",
     mask: jax.Array | None = None,
     mask_mode: str = "weighted",
     filter_method: str = "auto",
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> jax.Array:
   """Scalar `1 - SSIM` over the batch, mask-mass weighted.
 
@@ -362,17 +425,25 @@ def ssim_loss(
   with zero mask mass gives 0 with zero gradient, never NaN.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, floating.
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      floating.
     y: same shape as `x`.
     data_range: float or float array `[B]`.
-    window_size: odd window >= 3 (shrinks for small images).
-    sigma: Gaussian standard deviation, pixels.
+    window_size: odd window >= 3, or one per spatial axis; None: 11 (with
+      `spacing`: +-3.5 sigma per axis). Shrinks for small images.
+    sigma: Gaussian standard deviation, pixels (physical with `spacing`),
+      one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
     padding: "valid" or "same".
-    mask: optional non-negative weights `[B, H, W, 1|C]`.
+    mask: optional non-negative weights `[B, H, W, 1|C]` (`[B, D, H, W, 1|C]`).
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering.
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm): `sigma` is then physical, and the default
+      window per axis the odd size covering +-3.5 sigma / spacing voxels.
 
   Returns:
     float32 scalar in [0, 2].
@@ -382,7 +453,8 @@ def ssim_loss(
   """
   sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
                    sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-                   mask_mode=mask_mode, filter_method=filter_method)
+                   mask_mode=mask_mode, filter_method=filter_method,
+             spatial_dims=spatial_dims, spacing=spacing)
   return loss_from_sums(sums)
 
 
@@ -393,12 +465,14 @@ def l1_ssim_loss(
     ssim_weight: float = 0.2,
     weight_map: jax.Array | None = None,
     data_range: float | jax.Array = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
     padding: str = "same",
     filter_method: str = "auto",
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
 ) -> jax.Array:
   """Gaussian-splatting loss `(1 - lambda) L1 + lambda (1 - SSIM)`.
 
@@ -408,18 +482,27 @@ def l1_ssim_loss(
   weight gives 0 with zero gradient.
 
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]`, floating (e.g. the rendering).
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      floating (e.g. the rendering).
     y: same shape as `x` (e.g. the ground truth).
     ssim_weight: lambda in [0, 1].
-    weight_map: optional non-negative weights `[B, H, W, 1|C]`.
+    weight_map: optional non-negative weights `[B, H, W, 1|C]`
+      (`[B, D, H, W, 1|C]`).
     data_range: float or float array `[B]` (SSIM constants only).
-    window_size: odd window >= 3 (shrinks for small images).
-    sigma: Gaussian standard deviation, pixels.
+    window_size: odd window >= 3, or one per spatial axis; None: 11 (with
+      `spacing`: +-3.5 sigma per axis). Shrinks for small images.
+    sigma: Gaussian standard deviation, pixels (physical with `spacing`),
+      one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
     padding: "same" (zero padding, the Gaussian-splatting convention) or
       "valid".
     filter_method: blur lowering.
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm): `sigma` is then physical, and the default
+      window per axis the odd size covering +-3.5 sigma / spacing voxels.
 
   Returns:
     float32 scalar >= 0 (<= 2 * data_range-scaled L1 bound + 2 lambda).
@@ -431,8 +514,9 @@ def l1_ssim_loss(
   s = _setup(x, y, data_range=data_range, window_size=window_size,
              sigma=sigma, k1=k1, k2=k2, padding=padding, mask=weight_map,
              mask_mode="weighted", filter_method=filter_method,
+             spatial_dims=spatial_dims, spacing=spacing,
              mask_name="weight_map")
-  absdiff = jnp.abs(s.x - s.y)
+  absdiff = jnp.abs(s.x - s.y)  # L1 over every pixel (or voxel) and channel
   if s.mask is None:
     l1 = jnp.mean(absdiff)
   else:

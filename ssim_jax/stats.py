@@ -16,9 +16,11 @@ backgrounds). Two measures keep the result accurate and in range:
   depend on how a CPU rounds.
 
 `local_stats` and `masked_local_stats` take float32 `[B, H, W, C]`
-(`local_stats` also `[B, C, H, W]` with `layout="NCHW"`) and return float32
-maps of the blur's output size (`[B, H-K+1, W-K+1, C]` for 'valid',
-`[B, H, W, C]` for 'same'). `local_stats` is three steps, public so that the
+(`local_stats` also `[B, C, H, W]` with `layout="NCHW"`), or volumes with a
+D axis before H (`[B, D, H, W, C]`, `[B, C, D, H, W]`), and return float32
+maps of the blur's output size (each spatial side n -> n-K+1 for 'valid',
+unchanged for 'same'). The window is one 1-D kernel or one per spatial axis
+(`filters.as_kernels`). `local_stats` is three steps, public so that the
 fused derivative (`ssim_jax.fused`) can run them per chunk and differentiate
 the last one alone: `centre`, `blurred_moments` (the five blurs), and the
 elementwise `moments_from_blurs`. `luminance_cs` turns statistics into SSIM's two factors.
@@ -36,7 +38,8 @@ from ssim_jax import filters
 
 
 class LocalStats(NamedTuple):
-  """Windowed statistics of an image pair, each float32 `[B, H', W', C]`.
+  """Windowed statistics of an image pair, each float32 `[B, H', W', C]`
+  (volumes `[B, D', H', W', C]`; channels first for the NCHW routes).
 
   Attributes:
     mu_x: local mean of x (uncentred, in image units).
@@ -97,27 +100,54 @@ def _clamp(mu_x, mu_y, var_x, var_y, cov) -> LocalStats:
   return LocalStats(mu_x, mu_y, *clamp_moments(var_x, var_y, cov))
 
 
-def _border_mass(height: int, width: int, kernel: np.ndarray, *,
-                 layout: str) -> jax.Array:
-  """blur(ones) under zero 'same' padding, float32 `[H, W]`, shaped to
-  broadcast against `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` maps.
+def border_mass_vectors(sizes: tuple[int, ...],
+                        kernels: tuple[np.ndarray, ...]
+                        ) -> tuple[np.ndarray, ...]:
+  """Per-axis factors of blur(ones) under zero 'same' padding (host float32
+  vectors `[n]`, one per spatial axis; the blur is separable, so blur(ones)
+  is their outer product)."""
+  return tuple(
+      np.convolve(np.ones(n), np.asarray(k, np.float64),
+                  mode="same").astype(np.float32)
+      for n, k in zip(sizes, kernels))
 
-  Built in the graph as the outer product of two host vectors: an `[H, W]`
+
+def outer(vectors: tuple[jax.Array, ...]) -> jax.Array:
+  """Outer product of 1-D arrays `[n_0], [n_1], ...` -> `[n_0, n_1, ...]`."""
+  nd = len(vectors)
+  out = jnp.asarray(vectors[0]).reshape((-1,) + (1,) * (nd - 1))
+  for i, v in enumerate(vectors[1:], start=1):
+    shape = [1] * nd
+    shape[i] = -1
+    out = out * jnp.asarray(v).reshape(shape)
+  return out
+
+
+def _border_mass(sizes: tuple[int, ...], kernels: tuple[np.ndarray, ...], *,
+                 layout: str, dtype=jnp.float32) -> jax.Array:
+  """blur(ones) under zero 'same' padding, float32 `[*S]` (S = (H, W) or
+  (D, H, W)), shaped to broadcast against channels-last ("NHWC") or
+  channels-first ("NCHW") maps.
+
+  Built in the graph as the outer product of host vectors: an `[H, W]`
   host constant would be baked into the executable (8 MB at 1080p) and
   cost about 1.5 s of compile time.
   """
-  k = np.asarray(kernel, np.float64)
-  bh = np.convolve(np.ones(height), k, mode="same").astype(np.float32)
-  bw = np.convolve(np.ones(width), k, mode="same").astype(np.float32)
-  b1 = jnp.asarray(bh)[:, None] * jnp.asarray(bw)[None, :]
-  return b1[None, :, :, None] if layout == "NHWC" else b1[None, None]
+  # In the images' dtype (float32 but for float64 reference runs, where a
+  # float32 1 - b1 would round differently in differently fused programs).
+  b1 = outer(tuple(jnp.asarray(v, dtype)
+                   for v in border_mass_vectors(sizes, kernels)))
+  return b1[None, ..., None] if layout == "NHWC" else b1[None, None]
 
 
-def _spatial_axes(layout: str) -> tuple[int, int]:
-  return (1, 2) if layout == "NHWC" else (2, 3)
+def spatial_axes(layout: str, ndim: int) -> tuple[int, ...]:
+  """The spatial axes of a channels-last ("NHWC") or channels-first
+  ("NCHW") array of rank `ndim` (4 for images, 5 for volumes)."""
+  return (tuple(range(1, ndim - 1)) if layout == "NHWC"
+          else tuple(range(2, ndim)))
 
 
-def centre(x: jax.Array, y: jax.Array, axes: tuple[int, int]
+def centre(x: jax.Array, y: jax.Array, axes: tuple[int, ...]
            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per-image, per-channel centring of an image pair.
 
@@ -130,7 +160,7 @@ def centre(x: jax.Array, y: jax.Array, axes: tuple[int, int]
   Args:
     x: float32 image maps.
     y: float32, same shape as `x`.
-    axes: the two spatial axes.
+    axes: the spatial axes.
 
   Returns:
     `(xc, yc, ox, oy)`: centred maps and the offsets (keepdims).
@@ -146,9 +176,10 @@ def blurred_moments(xc: jax.Array, yc: jax.Array, *, kernel: np.ndarray,
   """Blurs of the five moment maps xc, yc, xc^2, yc^2, xc yc.
 
   Args:
-    xc: centred float32 maps (`centre`), `[B, H, W, C]` or `[B, C, H, W]`.
+    xc: centred float32 maps (`centre`), `[B, H, W, C]` or `[B, C, H, W]`
+      (volumes: `[B, D, H, W, C]` or `[B, C, D, H, W]`).
     yc: same shape.
-    kernel: 1-D window `[K]`.
+    kernel: 1-D window `[K]`, or one per spatial axis.
     padding: "valid" or "same".
     filter_method: lowering passed to `filters.blur`.
     layout: "NHWC" or "NCHW".
@@ -167,9 +198,10 @@ def blurred_moments(xc: jax.Array, yc: jax.Array, *, kernel: np.ndarray,
       for a in (xc, yc, xc * xc, yc * yc, xc * yc))
   if padding == "valid":
     return blurred, None
-  axes = _spatial_axes(layout)
-  return blurred, _border_mass(xc.shape[axes[0]], xc.shape[axes[1]], kernel,
-                               layout=layout)
+  axes = spatial_axes(layout, xc.ndim)
+  return blurred, _border_mass(tuple(xc.shape[a] for a in axes),
+                               filters.as_kernels(kernel, len(axes)),
+                               layout=layout, dtype=xc.dtype)
 
 
 def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
@@ -218,18 +250,21 @@ def local_stats(x: jax.Array, y: jax.Array, *, kernel: np.ndarray,
   """Gaussian-windowed statistics of an image pair (no mask).
 
   Args:
-    x: float32 `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` ("NCHW").
+    x: float32 `[B, H, W, C]` ("NHWC") or `[B, C, H, W]` ("NCHW"); volumes
+      `[B, D, H, W, C]` or `[B, C, D, H, W]`.
     y: float32, same shape as `x`.
-    kernel: 1-D window `[K]` from `filters.gaussian_kernel`.
+    kernel: 1-D window `[K]` from `filters.gaussian_kernel`, or one per
+      spatial axis.
     padding: "valid" or "same" (zero padding, as in Gaussian-splatting code).
     filter_method: lowering passed to `filters.blur`.
     layout: layout of `x`, `y` and of the returned maps. "NCHW" is the fast
       one (the blurs need no transposes); the SSIM routes convert once.
 
   Returns:
-    `LocalStats`, each `[B, H', W', C]` (or `[B, C, H', W']` for "NCHW").
+    `LocalStats`, each `[B, H', W', C]` (or `[B, C, H', W']` for "NCHW";
+    volumes with D' before H').
   """
-  axes = _spatial_axes(layout)
+  axes = spatial_axes(layout, x.ndim)
   xc, yc, ox, oy = centre(x, y, axes)
   blurred, b1 = blurred_moments(xc, yc, kernel=kernel, padding=padding,
                                 filter_method=filter_method, layout=layout)
@@ -271,30 +306,33 @@ def masked_local_stats(
   NaN or Inf: they are replaced by 0 before filtering).
 
   Args:
-    x: float32 `[B, H, W, C]`.
-    y: float32 `[B, H, W, C]`.
-    mask: float32 `[B, H, W, 1|C]`, non-negative.
-    kernel: 1-D window `[K]`.
+    x: float32 `[B, H, W, C]` (volumes `[B, D, H, W, C]`).
+    y: float32, same shape as `x`.
+    mask: float32 `[B, H, W, 1|C]` (volumes `[B, D, H, W, 1|C]`),
+      non-negative.
+    kernel: 1-D window `[K]`, or one per spatial axis.
     padding: "valid" or "same".
     filter_method: lowering passed to `filters.blur`.
 
   Returns:
     `(stats, local_mass)`: `LocalStats` maps `[B, H', W', C]` (finite
     everywhere; where `local_mass` is 0 they are 0) and the blurred mask
-    `[B, H', W', C]` (the window's mask mass, in [0, max(mask)]).
+    `[B, H', W', C]` (the window's mask mass, in [0, max(mask)]); volumes
+    with D' before H'.
   """
   mask = jnp.broadcast_to(mask, x.shape)
+  axes = spatial_axes("NHWC", x.ndim)
   inside = mask > 0
   x = jnp.where(inside, x, 0.0)
   y = jnp.where(inside, y, 0.0)
-  mass = jnp.sum(mask, axis=(1, 2), keepdims=True)
+  mass = jnp.sum(mask, axis=axes, keepdims=True)
   safe_mass = jnp.where(mass > 0, mass, 1.0)
   # Constant offsets to the derivative, as in `local_stats` (the normalised
   # moments are exactly invariant to them).
   ox = jax.lax.stop_gradient(
-      jnp.sum(mask * x, axis=(1, 2), keepdims=True) / safe_mass)
+      jnp.sum(mask * x, axis=axes, keepdims=True) / safe_mass)
   oy = jax.lax.stop_gradient(
-      jnp.sum(mask * y, axis=(1, 2), keepdims=True) / safe_mass)
+      jnp.sum(mask * y, axis=axes, keepdims=True) / safe_mass)
   xc = jnp.where(inside, x - ox, 0.0)
   yc = jnp.where(inside, y - oy, 0.0)
   maps = jnp.concatenate(
@@ -304,7 +342,7 @@ def masked_local_stats(
   w, s_x, s_y, s_xx, s_yy, s_xy = jnp.split(blurred, 6, axis=-1)
   # Relative threshold: blur rounding can leave ~1e-9 where the window holds
   # no mask at all; such windows are "empty" (no statistics, no weight).
-  has = w > 1e-6 * jnp.max(mask, axis=(1, 2), keepdims=True)
+  has = w > 1e-6 * jnp.max(mask, axis=axes, keepdims=True)
   safe_w = jnp.where(has, w, 1.0)
 
   def norm(s):

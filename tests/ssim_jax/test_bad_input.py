@@ -29,6 +29,10 @@ MASK_ARG = {name: ("weight_map" if name == "l1_ssim_loss" else "mask")
             for name in FUNCTIONS}
 
 X = np.full((2, 12, 12, 3), 0.5, np.float32)
+# A volume batch [B, D, H, W, C] (big enough for the MS-SSIM partials) and
+# the option that makes it one.
+X3 = np.full((2, 6, 8, 8, 2), 0.5, np.float32)
+V = {"spatial_dims": 3}
 
 
 def _x(shape=(2, 12, 12, 3), dtype=np.float32):
@@ -104,6 +108,49 @@ ERROR_CASES = [
     ("mask_complex", X, X, {"{mask}": np.ones((2, 12, 12, 1), np.complex64)},
      TypeError, "{mask}"),
     ("mask_string", X, X, {"{mask}": "foreground"}, TypeError, "{mask}"),
+    # Volumes (spatial_dims=3) and the per-axis window options.
+    ("volume_without_spatial_dims", X3, X3, {}, ValueError,
+     "spatial_dims=3"),
+    ("volume_rank6", _x((1,) + X3.shape), _x((1,) + X3.shape), V, ValueError,
+     "x"),
+    ("volume_rank3", _x((8, 8, 2)), _x((8, 8, 2)), V, ValueError, "x"),
+    ("volume_depth_2px", _x((2, 2, 8, 8, 2)), _x((2, 2, 8, 8, 2)), V,
+     ValueError, "x"),
+    ("volume_shape_mismatch", X3, _x((2, 7, 8, 8, 2)), V, ValueError, "y"),
+    ("spatial_dims_4", X, X, {"spatial_dims": 4}, ValueError, "spatial_dims"),
+    ("spatial_dims_1", X, X, {"spatial_dims": 1}, ValueError, "spatial_dims"),
+    ("spatial_dims_float", X3, X3, {"spatial_dims": 3.0}, TypeError,
+     "spatial_dims"),
+    ("spatial_dims_bool", X, X, {"spatial_dims": True}, TypeError,
+     "spatial_dims"),
+    ("window_per_axis_length", X3, X3, {**V, "window_size": (3, 3)},
+     ValueError, "window_size"),
+    ("window_per_axis_even", X3, X3, {**V, "window_size": (3, 4, 3)},
+     ValueError, "window_size"),
+    ("window_per_axis_float", X3, X3, {**V, "window_size": (3, 3.0, 3)},
+     TypeError, "window_size"),
+    ("sigma_per_axis_length", X3, X3, {**V, "sigma": (1.0, 1.0)}, ValueError,
+     "sigma"),
+    ("sigma_per_axis_negative", X3, X3, {**V, "sigma": (1.0, -1.0, 1.0)},
+     ValueError, "sigma"),
+    ("spacing_length", X3, X3, {**V, "spacing": (1.0, 1.0)}, ValueError,
+     "spacing"),
+    ("spacing_length_2d", X, X, {"spacing": (3.0, 1.0, 1.0)}, ValueError,
+     "spacing"),
+    ("spacing_zero", X3, X3, {**V, "spacing": (0.0, 1.0, 1.0)}, ValueError,
+     "spacing"),
+    ("spacing_negative", X3, X3, {**V, "spacing": (3.0, -0.7, 0.7)},
+     ValueError, "spacing"),
+    ("spacing_nan", X3, X3, {**V, "spacing": (float("nan"), 1.0, 1.0)},
+     ValueError, "spacing"),
+    ("spacing_string", X3, X3, {**V, "spacing": "3mm"}, TypeError, "spacing"),
+    ("volume_mask_rank4", X3, X3, {**V, "{mask}": np.ones((2, 6, 8, 8))},
+     ValueError, "{mask}"),
+    ("volume_mask_depth", X3, X3, {**V, "{mask}": np.ones((2, 5, 8, 8, 1))},
+     ValueError, "{mask}"),
+    ("volume_data_range_shape", X3, X3,
+     {**V, "data_range": np.ones((3,), np.float32)}, ValueError,
+     "data_range"),
 ]
 
 # Options that only some functions take.
@@ -206,9 +253,22 @@ def test_documented_results():
   assert out.shape == (2,)
 
 
+def test_documented_results_volumes():
+  rng = np.random.default_rng(2)
+  x = rng.uniform(0, 1, X3.shape).astype(np.float32)
+  nan_x = x.copy()
+  nan_x[1, 2, 3, 3, 0] = np.nan
+  v = jax.jit(lambda a: ssim_jax.ssim(a, x, spatial_dims=3))(nan_x)
+  assert np.isfinite(v[0]) and np.isnan(v[1])
+  zero = np.zeros(X3.shape[:-1] + (1,), np.float32)
+  loss, g = jax.jit(jax.value_and_grad(lambda a: ssim_jax.ssim_loss(
+      a, x[::-1], mask=zero, spatial_dims=3)))(x)
+  assert float(loss) == 0.0 and not np.any(np.asarray(g))
+
+
 def test_case_counts():
   # Quoted in the README's reliability section.
   n_matrix = len(ERROR_CASES) * len(FUNCTIONS)
-  assert (len(ERROR_CASES), len(FUNCTIONS)) == (46, 7)
-  assert n_matrix == 322
+  assert (len(ERROR_CASES), len(FUNCTIONS)) == (69, 7)
+  assert n_matrix == 483
   assert len(SPECIFIC_ERROR_CASES) == 16
