@@ -21,9 +21,10 @@ import argparse
 import dataclasses
 import os
 import platform
-import statistics
 import sys
 import time
+
+from timing import median_time  # benchmarks/timing.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,15 +56,6 @@ QUICK = (
 )
 
 
-def _median_time(fn, repeats: int) -> float:
-  fn()  # warm-up (compilation, allocator)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
 
 def _inputs(shape, seed=0):
   rng = np.random.default_rng(seed)
@@ -93,8 +85,8 @@ def bench_ssim_jax(case: Case, x, y, repeats: int, method: str) -> dict:
   mem = compiled.memory_analysis()
   temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
   out = {
-      "fwd": _median_time(lambda: fwd(xj, yj).block_until_ready(), repeats),
-      "fwd+bwd": _median_time(
+      "fwd": median_time(lambda: fwd(xj, yj).block_until_ready(), repeats),
+      "fwd+bwd": median_time(
           lambda: jax.block_until_ready(compiled(xj, yj)), repeats),
       "compile": compile_s,
       "temp_maps": None if temp is None else temp / (4 * np.prod(x.shape)),
@@ -122,8 +114,8 @@ def bench_dm_pix(case: Case, x, y, repeats: int) -> dict | None:
   fwd = jax.jit(loss)
   vg = jax.jit(jax.value_and_grad(loss))
   return {
-      "fwd": _median_time(lambda: fwd(xj, yj).block_until_ready(), repeats),
-      "fwd+bwd": _median_time(
+      "fwd": median_time(lambda: fwd(xj, yj).block_until_ready(), repeats),
+      "fwd+bwd": median_time(
           lambda: jax.block_until_ready(vg(xj, yj)), repeats),
   }
 
@@ -159,8 +151,8 @@ def bench_torch(case: Case, x, y, repeats: int, layout: str) -> dict | None:
     loss(a, yt).backward()
     a.grad.sum().item()
 
-  return {"fwd": _median_time(fwd, repeats),
-          "fwd+bwd": _median_time(fwd_bwd, repeats)}
+  return {"fwd": median_time(fwd, repeats),
+          "fwd+bwd": median_time(fwd_bwd, repeats)}
 
 
 def _fmt_ms(t):

@@ -37,10 +37,11 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
+
+from timing import median_time  # benchmarks/timing.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,15 +63,6 @@ def _volumes(shape):
   y = np.broadcast_to(y[None, ..., None], shape).astype(np.float32)
   return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
-
-def _median_time(fn, repeats):
-  fn()  # warm-up: compilation, allocator
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def _child_jax(impl, shape, repeats):
@@ -97,14 +89,14 @@ def _child_jax(impl, shape, repeats):
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   out = {
-      "fwd+bwd": _median_time(
+      "fwd+bwd": median_time(
           lambda: jax.block_until_ready(compiled(xj, yj)), repeats),
       "compile": compile_s,
       "temp_gb": mem.temp_size_in_bytes / 1e9,
       "loss": float(compiled(xj, yj)[0]),
   }
   fwd = jax.jit(loss)
-  out["fwd"] = _median_time(lambda: fwd(xj, yj).block_until_ready(), repeats)
+  out["fwd"] = median_time(lambda: fwd(xj, yj).block_until_ready(), repeats)
   return out
 
 
@@ -137,8 +129,8 @@ def _child_torch(impl, shape, repeats):
     loss(a, yt).backward()
     a.grad.sum().item()
 
-  return {"fwd+bwd": _median_time(fwd_bwd, repeats),
-          "fwd": _median_time(fwd, repeats), "loss": fwd()}
+  return {"fwd+bwd": median_time(fwd_bwd, repeats),
+          "fwd": median_time(fwd, repeats), "loss": fwd()}
 
 
 def child(impl, shape, repeats, mem_cap_gb):
