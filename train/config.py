@@ -222,14 +222,10 @@ def _check_pretrained_dit(config) -> None:
   if not path:
     return
   from train.models import dit  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  cfg_path = os.path.join(path, dit.CONFIG_NAME)
-  if not os.path.isfile(cfg_path) or not os.path.isfile(os.path.join(path, dit.WEIGHTS_NAME)):
-    _fail("dit.pretrained", f"{path!r} is not a DiT folder ({dit.CONFIG_NAME} and "
-          f"{dit.WEIGHTS_NAME}, written by train.models.dit.save_pretrained)")
-  with open(cfg_path) as f:
-    saved = json.load(f)
+  try:
+    saved = dit.read_config(path)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
   built = {k: _get(config, f"dit.{k}") for k in dit.CONFIG_FIELDS if k != "latent_channels"}
   built["latent_channels"] = _get(config, "vae.latent_channels")
   for k in dit.CONFIG_FIELDS:

@@ -12,7 +12,9 @@ Output: the velocity `v_pred` `[B, h, w, c]`, same shape and dtype as `x_t`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -146,8 +148,6 @@ def save_pretrained(params, folder, *, model_config) -> None:
     folder: output folder (created).
     model_config: mapping with the `CONFIG_FIELDS` (the `DiT` arguments).
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
   os.makedirs(folder, exist_ok=True)
@@ -171,21 +171,10 @@ def load_pretrained(folder, *, like=None) -> tuple[dict, dict]:
     ValueError: naming the file or field that is missing or malformed, or the
       parameters that do not fit `like`.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 
-  cfg_path = os.path.join(folder, CONFIG_NAME)
+  model_config = read_config(folder)
   w_path = os.path.join(folder, WEIGHTS_NAME)
-  for p in (cfg_path, w_path):
-    if not os.path.isfile(p):
-      raise ValueError(f"dit.pretrained={str(folder)!r}: {os.path.basename(p)} not found")
-  with open(cfg_path) as f:
-    raw = json.load(f)
-  missing = [k for k in CONFIG_FIELDS if not isinstance(raw.get(k), int)]
-  if missing:
-    raise ValueError(f"dit.pretrained={str(folder)!r}: {CONFIG_NAME} lacks integer "
-                     f"fields {missing}")
   params: dict = {}
   for name, value in load_file(w_path).items():
     node = params
@@ -195,7 +184,27 @@ def load_pretrained(folder, *, like=None) -> tuple[dict, dict]:
     node[leaf] = value
   if like is not None:
     params = _fit(params, like, folder)
-  return {k: raw[k] for k in CONFIG_FIELDS}, params
+  return model_config, params
+
+
+def read_config(folder) -> dict:
+  """The `CONFIG_FIELDS` of a `save_pretrained` folder (no weights read).
+
+  Raises:
+    ValueError: `dit.pretrained=...: ...` naming the missing file or fields.
+  """
+  cfg_path = os.path.join(folder, CONFIG_NAME)
+  for p in (cfg_path, os.path.join(folder, WEIGHTS_NAME)):
+    if not os.path.isfile(p):
+      raise ValueError(f"dit.pretrained={str(folder)!r}: {os.path.basename(p)} not found "
+                       "(a folder written by train.models.dit.save_pretrained)")
+  with open(cfg_path) as f:
+    raw = json.load(f)
+  missing = [k for k in CONFIG_FIELDS if not isinstance(raw.get(k), int)]
+  if missing:
+    raise ValueError(f"dit.pretrained={str(folder)!r}: {CONFIG_NAME} lacks integer "
+                     f"fields {missing}")
+  return {k: raw[k] for k in CONFIG_FIELDS}
 
 
 def _fit(loaded: dict, like, folder) -> dict:
