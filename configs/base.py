@@ -45,13 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.t_logit_mean = 0.0
   c.t_logit_std = 1.0
 
-  # --- Data (train/data.py).
+  # --- Data (train/sources.py: images; train/input_pipeline.py: crops -> batches, on grain).
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # "" -> embedded skimage retina crops; else a folder of PNG/JPEG/TIFF
   c.data.hr_size = 64  # high-resolution crop size (pixels)
   c.data.scale = 4  # low-resolution size = hr_size // scale
   c.data.num_val = 16  # held-out validation crops
-  c.data.prefetch = 2  # host-side batches prefetched
+  c.data.prefetch = 2  # host-side batches built ahead (per worker with num_workers > 0)
+  c.data.num_workers = 0  # grain worker processes building batches (0: in the training process)
   # How the LR image is made (train/degradations.py): blur -> area x scale -> noise -> bits.
   c.data.blur_sigma = 0.0  # Gaussian blur std, HR pixels (0: none)
   c.data.noise_level = 0.0  # Gaussian noise std, 8-bit grey levels of 255 (0: none)

@@ -20,6 +20,10 @@ Promises (tested in tests/train/test_checkpoint.py):
   `reached_preemption(step)` (the JAX distributed preemption service) is
   honoured too. With several processes the flag is all-gathered so that all
   processes agree on the same step (every process must call it every step).
+- `save(..., data_iterator=it)` also writes the input iterator's state (item
+  `data`, grain's checkpoint handler: one JSON file per process) at the same
+  step; `restore_data(step, it)` puts it back, so a resumed run sees the same
+  batches.
 """
 
 from __future__ import annotations
@@ -247,20 +251,23 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
+                                          item_names=("state", "meta", "data"))
     self._flag = install_preemption_handler() if install_sigterm_handler else None
 
   # -- saving -----------------------------------------------------------------
 
   def save(self, step: int, state: Any, *, force: bool = False,
-           meta: Mapping[str, Any] | None = None) -> bool:
+           meta: Mapping[str, Any] | None = None, data_iterator: Any = None) -> bool:
     """Saves `state` at `step` (async); returns whether a save was started.
 
     Args:
       step: training step (directory name).
       state: pytree of jax / numpy arrays (params, optimizer state, rng, ...).
       force: save even off the interval.
-      meta: JSON-serialisable extra information (config, data position, ...).
+      meta: JSON-serialisable extra information (config, ...).
+      data_iterator: the input iterator (`get_state()`, e.g. a
+        `train.input_pipeline.TrainIterator`); its state is taken now, before
+        this returns, and written by this process.
     """
     ocp = self._ocp
     step = int(step)
@@ -271,11 +278,11 @@ class Checkpointer:
     meta = dict(meta or {})
     meta["_fingerprint"] = fingerprint(state)
     meta["_structure"] = structure(state)
-    return bool(self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                meta=ocp.args.JsonSave(meta)),
-        force=True))
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iterator is not None:
+      import grain  # pylint: disable=g-import-not-at-top
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
   # -- restoring --------------------------------------------------------------
 
@@ -321,6 +328,19 @@ class Checkpointer:
       raise ValueError(f"checkpoint step {step}: {bad} array(s) differ from the "
                        "fingerprints written at save time (corrupted files)")
     return state, meta
+
+  def restore_data(self, step: int, data_iterator: Any) -> bool:
+    """Sets `data_iterator` to the input state saved at `step`; False when there is none.
+
+    A checkpoint written without a data iterator (or by an older version) has
+    none; the caller then positions the iterator by step.
+    """
+    if not os.path.isdir(os.path.join(self.directory, str(int(step)), "data")):
+      return False
+    import grain  # pylint: disable=g-import-not-at-top
+    self._manager.restore(int(step), args=self._ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return True
 
   def restore_latest(self, abstract_state: Any, *, return_meta: bool = False):
     """Restores the newest intact checkpoint.

@@ -143,6 +143,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _fail("data.hr_size", f"{hr} is not divisible by data.scale={scale}")
   _int(config, "data.num_val", minimum=1)
   _int(config, "data.prefetch", minimum=0)
+  _int(config, "data.num_workers", minimum=0)
   _float(config, "data.blur_sigma", minimum=0.0)
   _float(config, "data.noise_level", minimum=0.0)
   if _int(config, "data.lr_bits", minimum=0) > 16:

@@ -28,10 +28,10 @@ from flax import nnx
 
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
-from train import data as data_lib
 from train import evaluate as eval_lib
 from train import export as export_lib
 from train import faults as faults_lib
+from train import input_pipeline
 from train import pretrained as pretrained_lib
 from train import step as step_lib
 from train import writer as writer_lib
@@ -220,7 +220,7 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
   if jax.process_index() == 0 and config.progress_bar:
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
-  it = datasets.train_iter(start)
+  it = _train_iter(datasets, checkpointer, start)
   train_step = faults_lib.wrap_train_step(  # the identity unless config.faults is set
       train_step, config, stage=name, workdir=os.path.dirname(checkpointer.directory))
   t_last, n_last = time.perf_counter(), 0
@@ -250,9 +250,9 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
         if bar is not None:
           bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in scalars.items()
                            if k.split("/")[1] in ("total", "mse", "ssim", "l1", "skipped_total")})
-      checkpointer.save(done, state, force=(done == total))
+      checkpointer.save(done, state, force=(done == total), data_iterator=it)
       if checkpointer.preemption_requested(done):  # all-gathered over processes
-        checkpointer.save(done, state, force=True)
+        checkpointer.save(done, state, force=True, data_iterator=it)
         preempted = True
         logging.warning("stage %s: preemption requested; checkpoint saved at step %d",
                         name, done)
@@ -265,6 +265,27 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
     if close is not None:
       close()
   return state, preempted
+
+
+def _train_iter(datasets, checkpointer, step: int):
+  """The input iterator at `step`: with the state saved in checkpoint `step`, if it has one.
+
+  Without one (a checkpoint of an older version, another process count) the
+  iterator is positioned by step, which gives the same batches.
+  """
+  it = datasets.train_iter(step)
+  try:
+    if not checkpointer.restore_data(step, it):
+      return it
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("checkpoint step %d: input iterator state not restored (%s: %s); "
+                    "positioned by step instead", step, type(e).__name__, e)
+    it.close()
+    return datasets.train_iter(step)
+  if it.step != step:
+    raise RuntimeError(f"checkpoint step {step} in {checkpointer.directory}: its input "
+                       f"iterator state is at step {it.step}")
+  return it
 
 
 def _restore(checkpointer, state, mesh):
@@ -303,10 +324,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
 
   # 2. Data: each process builds only its rows of the global batch.
   nproc = jax.process_count()
-  datasets = data_lib.make_datasets(config.data,
-                                    batch_size_per_process=config.batch_size // nproc,
-                                    seed=config.seed, process_index=jax.process_index(),
-                                    process_count=nproc)
+  datasets = input_pipeline.make_datasets(config.data,
+                                          batch_size_per_process=config.batch_size // nproc,
+                                          seed=config.seed, process_index=jax.process_index(),
+                                          process_count=nproc)
   val = datasets.val
   writer = writer_lib.MetricWriter(os.path.join(workdir, "logs"), enabled=is_main)
   key = jax.random.PRNGKey(config.seed)

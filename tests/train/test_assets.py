@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train import data
+from train import input_pipeline
 from train import evaluate as eval_lib
 from train import loop
 from train.models import vae as vae_lib
@@ -32,7 +32,7 @@ BASE_PSNR, BASE_SSIM = 33.13, 0.8825
 @pytest.fixture(scope="module")
 def setup():
   config = default.get_config()
-  ds = data.make_datasets(config.data, batch_size_per_process=config.batch_size, seed=0)
+  ds = input_pipeline.make_datasets(config.data, batch_size_per_process=config.batch_size, seed=0)
   bicubic = eval_lib.evaluate_sr(
       np.asarray(eval_lib.bicubic_upsample(ds.val.lowres, config.data.scale)),
       ds.val.lowres, ds.val.highres, scale=config.data.scale)["bicubic"]

@@ -58,6 +58,31 @@ def test_round_trip_keep_n_and_interval(tmp_path):
   _assert_tree_equal(state, _state(7))
 
 
+def test_input_iterator_state_is_saved_with_the_step_and_restored(tmp_path):
+  # The iterator's state is taken when save() is called (async save or not):
+  # the restored iterator yields the batches the saving one yielded next.
+  import ml_collections
+  from train import input_pipeline
+  cfg = ml_collections.ConfigDict(dict(dir="", hr_size=16, scale=4, num_val=2, noise_level=3.0))
+  ds = input_pipeline.make_datasets(cfg, batch_size_per_process=2, seed=1)
+  with checkpoint.Checkpointer(tmp_path / "ck", install_sigterm_handler=False) as ck:
+    with ds.train_iter(0) as it:
+      next(it), next(it)
+      assert ck.save(2, _state(2), data_iterator=it)
+      after = [next(it) for _ in range(3)]  # while the save may still be running
+    assert ck.save(3, _state(3))  # no iterator: no data item
+    ck.wait()
+  with checkpoint.Checkpointer(tmp_path / "ck", install_sigterm_handler=False) as ck:
+    with ds.train_iter(0) as resumed:
+      assert ck.restore_data(2, resumed) and resumed.step == 2
+      got = [next(resumed) for _ in range(3)]
+      assert not ck.restore_data(3, resumed)
+  assert "process_0-of-1.json" in os.listdir(tmp_path / "ck" / "2" / "data")  # one per process
+  for x, y in zip(after, got):
+    np.testing.assert_array_equal(x.lowres, y.lowres)
+    np.testing.assert_array_equal(x.highres, y.highres)
+
+
 # orbax leaves an asyncio callback behind after a failed restore (harmless).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty_files", "remove_metadata"])

@@ -74,6 +74,7 @@ BAD = [
     ({"schedule": "linear"}, "schedule", 8),
     ({"max_consecutive_skips": 0}, "max_consecutive_skips", 8),
     ({"data.hr_size": 63}, "data.hr_size", 8),
+    ({"data.num_workers": -1}, "data.num_workers", 8),
     ({"dit.num_heads": 3}, "dit.num_heads", 8),
     ({"dit.patch_size": 5}, "dit.patch_size", 8),
     ({"vae.channels": ()}, "vae.channels", 8),

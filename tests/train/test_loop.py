@@ -64,9 +64,18 @@ def test_fine_tuning_starts_from_the_exported_base_model(reference_run, tmp_path
                         "vae reconstruction"}
 
 
-def test_resume_gives_identical_params(reference_run, tmp_path):
-  """Stop mid-vae, then mid-flow, resume each time: bit-identical final params on CPU."""
+def test_resume_gives_identical_params(reference_run, tmp_path, monkeypatch):
+  """Stop mid-vae, then mid-flow, resume each time: bit-identical final params on CPU.
+
+  Each resume restores the input iterator's state saved in the checkpoint."""
   _, ref = reference_run
+  restored = []
+  real = loop.ckpt_lib.Checkpointer.restore_data
+  def spy(self, step, it):
+    ok = real(self, step, it)
+    restored.append((os.path.basename(self.directory), step, ok, it.step))
+    return ok
+  monkeypatch.setattr(loop.ckpt_lib.Checkpointer, "restore_data", spy)
   workdir = str(tmp_path)
   cfg = tiny.get_config()
   r1 = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2], stop_after={"vae": 2})
@@ -74,8 +83,11 @@ def test_resume_gives_identical_params(reference_run, tmp_path):
   r2 = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2], stop_after={"flow": 2})
   assert r2["preempted"]
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "flow")) if d.isdigit()) == [2]
+  with open(os.path.join(workdir, "flow", "2", "data", "process_0-of-1.json")) as f:
+    assert json.load(f)["step"] == 2
   r3 = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2])
   assert not r3["preempted"]
+  assert ("vae", 2, True, 2) in restored and ("flow", 2, True, 2) in restored
   for name in ("vae", "dit"):
     a, b = leaves(ref["params"][name]), leaves(r3["params"][name])
     assert len(a) == len(b)

@@ -1,4 +1,4 @@
-"""Tests of train/data.py: determinism, resume, sharding, held-out val, folders."""
+"""Tests of train/input_pipeline.py: determinism, resume, sharding, workers, held-out val."""
 
 import logging
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import data
+from train import input_pipeline
 
 
 def _cfg(**kw):
@@ -19,7 +19,7 @@ def _cfg(**kw):
 
 @pytest.fixture(scope="module")
 def retina():
-  return data.make_datasets(_cfg(), batch_size_per_process=4, seed=3)
+  return input_pipeline.make_datasets(_cfg(), batch_size_per_process=4, seed=3)
 
 
 def _take(it, n):
@@ -42,8 +42,8 @@ def test_shapes_range_and_area_downsampling(retina):
 
 
 def test_deterministic_and_seed_dependent(retina):
-  again = data.make_datasets(_cfg(), batch_size_per_process=4, seed=3)
-  other = data.make_datasets(_cfg(), batch_size_per_process=4, seed=4)
+  again = input_pipeline.make_datasets(_cfg(), batch_size_per_process=4, seed=3)
+  other = input_pipeline.make_datasets(_cfg(), batch_size_per_process=4, seed=4)
   a, b, c = (_take(d.train_iter(0), 3) for d in (retina, again, other))
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x.highres, y.highres)
@@ -56,7 +56,7 @@ def test_deterministic_and_seed_dependent(retina):
 
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_resume_equivalence(prefetch):
-  ds = data.make_datasets(_cfg(prefetch=prefetch), batch_size_per_process=2, seed=7)
+  ds = input_pipeline.make_datasets(_cfg(prefetch=prefetch), batch_size_per_process=2, seed=7)
   full = _take(ds.train_iter(0), 7)
   resumed = _take(ds.train_iter(4), 3)
   for x, y in zip(full[4:], resumed):
@@ -65,8 +65,8 @@ def test_resume_equivalence(prefetch):
 
 
 def test_process_shards_are_disjoint_and_compose_the_global_batch():
-  single = data.make_datasets(_cfg(), batch_size_per_process=6, seed=1)
-  shards = [data.make_datasets(_cfg(), batch_size_per_process=3, seed=1,
+  single = input_pipeline.make_datasets(_cfg(), batch_size_per_process=6, seed=1)
+  shards = [input_pipeline.make_datasets(_cfg(), batch_size_per_process=3, seed=1,
                                process_index=p, process_count=2) for p in range(2)]
   specs = [set(map(tuple, s.train_iter.plan_step(5))) for s in shards]
   assert len(specs[0]) == 3 and len(specs[1]) == 3
@@ -91,30 +91,54 @@ def test_val_region_is_held_out(retina):
     assert v0 <= s.y and s.y + size <= v1
 
 
-def test_prefetch_thread_stops_on_close():
-  ds = data.make_datasets(_cfg(prefetch=2), batch_size_per_process=2, seed=0)
-  it = ds.train_iter(0)
-  next(it)
-  assert it.alive
-  it.close()
-  assert not it.alive
+def test_restored_iterator_state_gives_the_next_batches():
+  # The state is grain's plus the step; a fresh iterator (another process
+  # after a restart) set to it continues exactly where the first one was.
+  ds = input_pipeline.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=2, seed=5)
+  with ds.train_iter(0) as it:
+    for _ in range(3):
+      next(it)
+    state = it.get_state()
+    assert it.step == 3
+    expected = [next(it) for _ in range(3)]
+  with ds.train_iter(0) as again:
+    again.set_state(state)
+    assert again.step == 3
+    got = [next(again) for _ in range(3)]
+  for x, y in zip(expected, got):
+    np.testing.assert_array_equal(x.highres, y.highres)
+    np.testing.assert_array_equal(x.lowres, y.lowres)
+  it.close()  # idempotent
   with pytest.raises(StopIteration):
     next(it)
-  with ds.train_iter(0) as it2:
-    next(it2)
-  assert not it2.alive
 
 
-def test_prefetch_propagates_errors():
-  def make(step):
-    if step == 2:
-      raise RuntimeError("boom at 2")
-    return step
-  it = data.BatchIterator(make, 0, prefetch=2)
-  assert next(it) == 0 and next(it) == 1
-  with pytest.raises(RuntimeError, match="boom at 2"):
-    next(it)
-  assert not it.alive
+@pytest.mark.slow
+def test_one_worker_process_gives_the_same_batches_and_states():
+  # data.num_workers=1: batches built in a spawned grain worker are the
+  # in-process batches; its state resumes in a worker and, by step, in-process.
+  import multiprocessing
+  cfg = _cfg(**_DEGRADED)
+  local = input_pipeline.make_datasets(cfg, batch_size_per_process=2, seed=5)
+  cfg.num_workers = 1
+  worker = input_pipeline.make_datasets(cfg, batch_size_per_process=2, seed=5)
+  ref = _take(local.train_iter(0), 5)
+  with worker.train_iter(0) as it:
+    got = [next(it) for _ in range(2)]
+    assert multiprocessing.active_children()  # the worker runs
+    state = it.get_state()
+    got += [next(it) for _ in range(3)]
+  assert not multiprocessing.active_children()  # close() stopped it
+  for x, y in zip(ref, got):
+    np.testing.assert_array_equal(x.highres, y.highres)
+    np.testing.assert_array_equal(x.lowres, y.lowres)
+  for ds in (worker, local):
+    with ds.train_iter(0) as it:
+      it.set_state(state)
+      resumed = [next(it) for _ in range(3)]
+    for x, y in zip(ref[2:], resumed):
+      np.testing.assert_array_equal(x.lowres, y.lowres)
+  assert not multiprocessing.active_children()
 
 
 # ---------------------------------------------------------------------------
@@ -149,7 +173,7 @@ def _folder(tmp_path):
 def test_folder_reads_all_formats_and_counts_bad_files(tmp_path, caplog):
   root = _folder(tmp_path)
   with caplog.at_level(logging.WARNING):
-    ds = data.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=3, seed=0)
+    ds = input_pipeline.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=3, seed=0)
   st = ds.stats
   assert st.source == "folder"
   assert st.files_found == 8  # notes.txt is not a candidate
@@ -162,74 +186,13 @@ def test_folder_reads_all_formats_and_counts_bad_files(tmp_path, caplog):
   assert np.isfinite(b.highres).all() and b.highres.min() >= -1 and b.highres.max() <= 1
 
 
-def test_folder_decoding_16bit_gray_and_rgba(tmp_path):
-  p16 = tmp_path / "g16.png"
-  Image.fromarray(np.full((4, 5), 65535, np.uint16)).save(p16)
-  img = data.load_image(str(p16))
-  assert img.shape == (4, 5, 3) and img.dtype == np.uint16 and (img == 65535).all()
-  prgba = tmp_path / "rgba.png"
-  arr = np.zeros((3, 3, 4), np.uint8)
-  arr[..., 0] = 255
-  arr[..., 3] = 7
-  Image.fromarray(arr).save(prgba)
-  img = data.load_image(str(prgba))
-  assert img.shape == (3, 3, 3) and (img[..., 0] == 255).all() and (img[..., 1:] == 0).all()
-  np.testing.assert_array_equal(data._to_float(np.array([0, 65535], np.uint16)), [-1.0, 1.0])
-
-
-def _png16_rgb(path, rgb16):
-  """A minimal 16-bit RGB PNG (Pillow cannot write one)."""
-  import struct
-  import zlib
-  h, w, _ = rgb16.shape
-  be = rgb16.astype(">u2")
-  raw = b"".join(b"\x00" + be[i].tobytes() for i in range(h))
-  def chunk(kind, payload):
-    return (struct.pack(">I", len(payload)) + kind + payload
-            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
-  path.write_bytes(b"\x89PNG\r\n\x1a\n"
-                   + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-                   + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
-def test_16bit_colour_png_is_flagged(tmp_path, caplog):
-  root = tmp_path / "p"
-  root.mkdir()
-  _png16_rgb(root / "deep.png", np.full((20, 20, 3), 40000, np.uint16))
-  _save(str(root / "gray16.png"), np.full((20, 20), 40000, np.uint16))
-  with caplog.at_level(logging.WARNING):
-    ds = data.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=1, seed=0)
-  assert [os.path.basename(p) for p in ds.stats.reduced_precision] == ["deep.png"]
-  assert "8-bit precision" in caplog.text and "deep.png" in caplog.text
-  assert ds.stats.files_read == 2  # still used, at 8 bits: 40000 / 65535 ~ 156 / 255
-  deep = data.load_image(str(root / "deep.png"))
-  assert deep.dtype == np.uint8 and (deep == 40000 >> 8).all()
-  gray = data.load_image(str(root / "gray16.png"))
-  assert gray.dtype == np.uint16 and (gray == 40000).all()
-
-
-@pytest.mark.parametrize("planar", [False, True])
-def test_16bit_rgb_tiff_keeps_16_bits(tmp_path, planar):
-  import tifffile
-  rgb = (np.arange(20 * 24 * 3).reshape(20, 24, 3) * 97 % 65536).astype(np.uint16)
-  path = str(tmp_path / "x.tif")
-  if planar:
-    tifffile.imwrite(path, np.moveaxis(rgb, -1, 0), planarconfig="separate", photometric="rgb")
-  else:
-    tifffile.imwrite(path, rgb, photometric="rgb")
-  img = data.load_image(path)
-  assert img.dtype == np.uint16
-  np.testing.assert_array_equal(img, rgb)  # Pillow would truncate to 8 bits
-  assert data._read_header(path) == (20, 24, 6)
-
-
 def test_folder_holds_out_whole_files(tmp_path):
   # Ten constant images with distinct values: every crop tells its file.
   root = tmp_path / "const"
   levels = [10 * (i + 1) for i in range(10)]
   for i, v in enumerate(levels):
     _save(str(root / f"img{i:02d}.png"), np.full((20, 20, 3), v, np.uint8))
-  ds = data.make_datasets(_cfg(dir=str(root), hr_size=16, num_val=3),
+  ds = input_pipeline.make_datasets(_cfg(dir=str(root), hr_size=16, num_val=3),
                           batch_size_per_process=8, seed=0)
   to_level = lambda x: set(np.round((x[:, 0, 0, 0] + 1) * 127.5).astype(int).tolist())
   assert to_level(ds.val.highres) == {levels[9]}
@@ -245,7 +208,7 @@ def test_lazy_folder_skips_files_that_fail_late_deterministically(tmp_path, capl
   root = _folder(tmp_path)
   cfg = _cfg(dir=str(root), hr_size=16, cache_bytes=0, prefetch=0)
   with caplog.at_level(logging.WARNING):
-    ds = data.make_datasets(cfg, batch_size_per_process=16, seed=0)
+    ds = input_pipeline.make_datasets(cfg, batch_size_per_process=16, seed=0)
     assert ds.stats.lazy
     # f_small (size) and g_corrupt (header) are found at start; the truncated
     # file is still a candidate.
@@ -259,10 +222,10 @@ def test_lazy_folder_skips_files_that_fail_late_deterministically(tmp_path, capl
     assert np.isfinite(b.highres).all()
   # The replacement is deterministic: a fresh loader (another process, or a
   # resumed run) gives the same batches, also starting later.
-  again = data.make_datasets(cfg, batch_size_per_process=16, seed=0)
+  again = input_pipeline.make_datasets(cfg, batch_size_per_process=16, seed=0)
   for x, y in zip(batches[3:], _take(again.train_iter(3), 3)):
     np.testing.assert_array_equal(x.highres, y.highres)
-  eager = data.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=1, seed=0)
+  eager = input_pipeline.make_datasets(_cfg(dir=str(root), hr_size=16), batch_size_per_process=1, seed=0)
   assert not eager.stats.lazy
 
 
@@ -274,7 +237,7 @@ def test_folder_errors_name_data_dir(tmp_path, case):
   if case == "only_bad":
     (root / "x.png").write_bytes(b"garbage")
   with pytest.raises(ValueError, match="data.dir"):
-    data.make_datasets(_cfg(dir=str(root)), batch_size_per_process=1, seed=0)
+    input_pipeline.make_datasets(_cfg(dir=str(root)), batch_size_per_process=1, seed=0)
 
 
 _DEGRADED = dict(blur_sigma=1.2, noise_level=4.0, lr_bits=8)
@@ -283,8 +246,8 @@ _DEGRADED = dict(blur_sigma=1.2, noise_level=4.0, lr_bits=8)
 def test_degraded_batches_are_sharded_resumed_and_held_out_alike():
   # The noise of a sample is a function of (seed, step, sample): process
   # shards compose the global batch and a resumed run sees the same LR.
-  single = data.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=4, seed=1)
-  shards = [data.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=2, seed=1,
+  single = input_pipeline.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=4, seed=1)
+  shards = [input_pipeline.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=2, seed=1,
                                process_index=p, process_count=2) for p in range(2)]
   g = _take(single.train_iter(0), 3)
   p = [_take(s.train_iter(2), 1)[0] for s in shards]
@@ -295,12 +258,12 @@ def test_degraded_batches_are_sharded_resumed_and_held_out_alike():
   levels = (g[2].lowres + 1) * 255 / 2
   np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)
   # Validation noise is fixed, independent of the training seed.
-  other = data.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=4, seed=9)
+  other = input_pipeline.make_datasets(_cfg(**_DEGRADED), batch_size_per_process=4, seed=9)
   np.testing.assert_array_equal(single.val.lowres, other.val.lowres)
 
 
 def test_retina_downscale_halves_the_photograph():
-  ds = data.make_datasets(_cfg(retina_downscale=2), batch_size_per_process=1, seed=0)
+  ds = input_pipeline.make_datasets(_cfg(retina_downscale=2), batch_size_per_process=1, seed=0)
   (_, row0, row1), = ds.train_iter.train_regions
   (_, v0, v1), = ds.train_iter.val_regions
   assert v1 == 1411 // 2 and row0 == 0 and row1 == v0
@@ -314,6 +277,8 @@ BAD_CONFIGS = [
     (dict(val_fraction=0.0), {}, "data.val_fraction"),
     (dict(val_fraction=1.5), {}, "data.val_fraction"),
     (dict(prefetch=-1), {}, "data.prefetch"),
+    (dict(num_workers=-1), {}, "data.num_workers"),
+    (dict(num_workers=1.5), {}, "data.num_workers"),
     (dict(source="nope"), {}, "data.source"),
     (dict(source="folder"), {}, "data.dir"),
     (dict(hr_size=2048, scale=4), {}, "data.hr_size"),
@@ -333,7 +298,7 @@ def test_bad_data_settings_name_the_field(fields, kwargs, match):
   kw = dict(batch_size_per_process=1, seed=0)
   kw.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    data.make_datasets(_cfg(**fields), **kw)
+    input_pipeline.make_datasets(_cfg(**fields), **kw)
 
 
 def test_bad_start_step_and_file_as_dir(tmp_path, retina):
@@ -342,13 +307,13 @@ def test_bad_start_step_and_file_as_dir(tmp_path, retina):
   f = tmp_path / "x.png"
   f.write_bytes(b"")
   with pytest.raises(ValueError, match="data.dir"):
-    data.make_datasets(_cfg(dir=str(f)), batch_size_per_process=1, seed=0)
+    input_pipeline.make_datasets(_cfg(dir=str(f)), batch_size_per_process=1, seed=0)
 
 
 def test_extensions_from_command_line_string(tmp_path):
   root = tmp_path / "d"
   _save(str(root / "a.png"), np.zeros((40, 40, 3), np.uint8))
   _save(str(root / "b.jpg"), np.zeros((40, 40, 3), np.uint8))
-  ds = data.make_datasets(_cfg(dir=str(root), hr_size=16, extensions="png"),
+  ds = input_pipeline.make_datasets(_cfg(dir=str(root), hr_size=16, extensions="png"),
                           batch_size_per_process=1, seed=0)
   assert ds.stats.files_found == 1
