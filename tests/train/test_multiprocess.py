@@ -1,5 +1,6 @@
 """Two processes on localhost (CPU, gloo collectives) train to the same params as one."""
 
+import json
 import os
 import socket
 import subprocess
@@ -68,6 +69,10 @@ def test_two_processes_match_one_process(tmp_path):
         p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0 and "WORKER_OK" in out, out[-4000:]
+  # Each process saved its own input iterator state with the final checkpoint.
+  for pid in range(2):
+    with open(tmp_path / "mp" / "flow" / "3" / "data" / f"process_{pid}-of-2.json") as f:
+      assert json.load(f)["step"] == 3
 
   # The same run in this process over 8 local devices.
   cfg = tiny.get_config()
