@@ -27,7 +27,9 @@ decode only then is skipped, counted and warned about when first needed.
 An `ImageStore` sent to an input worker process (pickled) carries the file
 paths, not the decoded folder images: each worker decodes the files its
 samples need, with its own LRU cache of `cache_bytes`. The embedded photograph
-(no file) travels as pixels.
+(no file) travels as pixels. A file that fails to decode only in a worker is
+warned about in that worker's log and counted in the worker's copy of `stats`,
+not in the training process's.
 """
 
 from __future__ import annotations
