@@ -3,18 +3,19 @@
 `weighted_ssim_sum(x, y, w)` is, per image, `sum(w * ssim_map(x, y))`: the
 value behind `ssim`, `ssim_sums`, `ssim_loss` and `l1_ssim_loss` (all but the
 foreground mask mode). Its derivative is written out instead of left to
-autodiff of the five blurs. With the blurred maps `m_x = B(xc)`,
-`e_xx = B(xc^2)`, `e_xy = B(xc yc)` (centred images, see `stats.centre`) and
+autodiff of the four blurs. With the blurred maps `m_x = B(xc)`,
+`e_ss = B(xc^2 + yc^2)`, `e_xy = B(xc yc)` (centred images, see
+`stats.centre`) and
 `P_* = d sum(w ssim) / d(blurred map)` (elementwise, so cheap to get from
 `jax.vjp` of `stats.moments_from_blurs` + `stats.luminance_cs`, with the
 clamps' identity derivative), the gradient is
 
-    d/dx = B^T[P_mx] + 2 xc B^T[P_exx] + yc B^T[P_exy]
-    d/dy = B^T[P_my] + 2 yc B^T[P_eyy] + xc B^T[P_exy]
+    d/dx = B^T[P_mx] + 2 xc B^T[P_ess] + yc B^T[P_exy]
+    d/dy = B^T[P_my] + 2 yc B^T[P_ess] + xc B^T[P_exy]
 
 where `B^T`, the adjoint blur, is again a Gaussian blur (`filters.blur_adjoint`).
-That is three adjoint blurs per differentiated image instead of five
-transposed ones, and no residual maps between the forward and the backward
+That is three adjoint blurs for one differentiated image (four for both)
+instead of four transposed ones per image, and no residual maps between the forward and the backward
 pass: the gradient maps are computed in the same pass as the value, one
 chunk of image planes at a time (`jax.lax.map`), so each chunk's ~15
 intermediate maps stay small, and only the gradient itself is kept.
@@ -23,7 +24,7 @@ It is a `jax.custom_jvp` whose tangent is `sum(g_x * dx + g_y * dy)`: reverse
 mode transposes that to `ct * g_x` (no second pass), forward mode
 (`jax.jvp`, `jax.jacfwd`) works, and higher derivatives differentiate the
 rule itself. Tangents that are symbolic zeros (the target image in a
-training loss) skip their three adjoint blurs. If the weights or the SSIM
+training loss) skip the adjoint blur of P_m of that image. If the weights or the SSIM
 constants carry a tangent (a `data_range` computed from the images, say), the
 rule falls back to autodiff of the plain route.
 
@@ -32,7 +33,7 @@ so that both routes share one definition of the map.
 
 Volumes (`[B, D, H, W, C]`) run the same code with a D axis. A volume too
 large for one chunk is cut into depth slabs (`choose_slab`): one scan over
-slabs runs the five blurs (each slab reads its K_D - 1 halo slices), the
+slabs runs the four blurs (each slab reads its K_D - 1 halo slices), the
 elementwise derivative and the adjoint blurs, and adds the slab's share of
 the gradient into the gradient volumes in place. Memory is then the centred
 inputs and the gradients plus one slab's intermediates (measured in
@@ -165,7 +166,7 @@ def ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel, c1: jax.Array,
   """Plain SSIM map of `[B, C, H, W]` images -> `[B, C, H', W']` (volumes
   `[B, C, D, H, W]` -> `[B, C, D', H', W']`).
 
-  The SSIM routes convert the two images to NCHW once, so the ten blurs of
+  The SSIM routes convert the two images to NCHW once, so the blurs of
   a value and its gradient run without transposes (benchmarks/README.md:
   about 2x faster forward at 1x1024x1024x1 on CPU).
   """
@@ -320,7 +321,7 @@ def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
 
 
 def _weighted_sum_fn(ox, oy, c1, c2, weights, border_mass):
-  """sum(weights * ssim) from the five blurred maps (elementwise)."""
+  """sum(weights * ssim) from the four blurred maps (elementwise)."""
   def weighted_sum(*maps):
     st = stats_lib.moments_from_blurs(maps, ox, oy, border_mass=border_mass)
     luminance, cs = stats_lib.luminance_cs(st, c1, c2)
@@ -346,18 +347,18 @@ def _chunk_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
       _weighted_sum_fn(ox, oy, c1, c2, weights, b1), *blurred)
   if not (need_x or need_y):
     return value, None, None
-  p_mx, p_my, p_xx, p_yy, p_xy = pullback(jnp.ones_like(value))
+  p_mx, p_my, p_ss, p_xy = pullback(jnp.ones_like(value))
 
   def adjoint(a):
     return filters.blur_adjoint(a, kernel, padding=static.padding,
                                 method=static.filter_method)
 
   g_x = g_y = None
-  cross = adjoint(p_xy)
+  squares, cross = 2.0 * adjoint(p_ss), adjoint(p_xy)
   if need_x:
-    g_x = (adjoint(p_mx) + 2.0 * xc * adjoint(p_xx) + yc * cross)[:, 0]
+    g_x = (adjoint(p_mx) + xc * squares + yc * cross)[:, 0]
   if need_y:
-    g_y = (adjoint(p_my) + 2.0 * yc * adjoint(p_yy) + xc * cross)[:, 0]
+    g_y = (adjoint(p_my) + yc * squares + xc * cross)[:, 0]
   return value, g_x, g_y
 
 
@@ -415,7 +416,7 @@ def _slabbed_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
     blurred = tuple(
         filters.blur(a, kernel, padding=paddings,
                      method=static.filter_method, layout="NCHW")
-        for a in (sx, sy, sx * sx, sy * sy, sx * sy))
+        for a in (sx, sy, sx * sx + sy * sy, sx * sy))
     b1 = None
     if same:
       b1 = stats_lib.outer((jax.lax.dynamic_slice_in_dim(bd, z0, dz), bh,
@@ -429,7 +430,7 @@ def _slabbed_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
                               *blurred)
     if not (need_x or need_y):
       return grads, value
-    p_mx, p_my, p_xx, p_yy, p_xy = pullback(jnp.ones_like(value))
+    p_mx, p_my, p_ss, p_xy = pullback(jnp.ones_like(value))
 
     def adjoint(a):
       # [1, 1, dz, H', W'] -> [1, 1, dz + K_D - 1, H, W]: the input slab.
@@ -441,13 +442,11 @@ def _slabbed_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
       return jax.lax.dynamic_update_slice_in_dim(g, old + part[0, 0], z0, 0)
 
     g_x, g_y = grads
-    cross = adjoint(p_xy)
+    squares, cross = 2.0 * adjoint(p_ss), adjoint(p_xy)
     if need_x:
-      g_x = accumulate(g_x, adjoint(p_mx) + 2.0 * sx * adjoint(p_xx)
-                       + sy * cross)
+      g_x = accumulate(g_x, adjoint(p_mx) + sx * squares + sy * cross)
     if need_y:
-      g_y = accumulate(g_y, adjoint(p_my) + 2.0 * sy * adjoint(p_yy)
-                       + sx * cross)
+      g_y = accumulate(g_y, adjoint(p_my) + sy * squares + sx * cross)
     return (g_x, g_y), value
 
   zeros = jnp.zeros_like(xp)

@@ -90,7 +90,7 @@ def _float64_value_and_grads(loss, x, y):
 # last one is topped up with padding planes (7 planes in chunks of 3).
 # The flat patch of `_pair` is where the moment bounds hold with equality:
 # at 'same' borders the 7x7 windows of the corner pixels see only the patch
-# (x == y == 0.5) and the zero padding, so cov == var_x == var_y in exact
+# (x == y == 0.5) and the zero padding, so 2 cov == var_sum in exact
 # arithmetic, and a float32 clamp there is decided by rounding.
 @pytest.mark.parametrize("shape,chunk,padding,masked", [
     ((2, 23, 30, 3), 6, "valid", False),
