@@ -2,19 +2,22 @@
 
 `weighted_ssim_sum(x, y, w)` is, per image, `sum(w * ssim_map(x, y))`: the
 value behind `ssim`, `ssim_sums`, `ssim_loss` and `l1_ssim_loss` (all but the
-foreground mask mode). Its derivative is written out instead of left to
-autodiff of the five blurs. With the blurred maps `m_x = B(xc)`,
-`e_xx = B(xc^2)`, `e_xy = B(xc yc)` (centred images, see `stats.centre`) and
+foreground mask mode); `weighted_plane_sums` is the same per image and
+channel, of the SSIM map or of its contrast-structure factor alone (the
+finest scale of MS-SSIM). Its derivative is written out instead of left to
+autodiff of the four blurs. With the blurred maps `m_x = B(xc)`,
+`e_ss = B(xc^2 + yc^2)`, `e_xy = B(xc yc)` (centred images, see
+`stats.centre`) and
 `P_* = d sum(w ssim) / d(blurred map)` (elementwise, so cheap to get from
 `jax.vjp` of `stats.moments_from_blurs` + `stats.luminance_cs`, with the
 clamps' identity derivative), the gradient is
 
-    d/dx = B^T[P_mx] + 2 xc B^T[P_exx] + yc B^T[P_exy]
-    d/dy = B^T[P_my] + 2 yc B^T[P_eyy] + xc B^T[P_exy]
+    d/dx = B^T[P_mx] + 2 xc B^T[P_ess] + yc B^T[P_exy]
+    d/dy = B^T[P_my] + 2 yc B^T[P_ess] + xc B^T[P_exy]
 
 where `B^T`, the adjoint blur, is again a Gaussian blur (`filters.blur_adjoint`).
-That is three adjoint blurs per differentiated image instead of five
-transposed ones, and no residual maps between the forward and the backward
+That is three adjoint blurs for one differentiated image (four for both)
+instead of four transposed ones per image, and no residual maps between the forward and the backward
 pass: the gradient maps are computed in the same pass as the value, one
 chunk of image planes at a time (`jax.lax.map`), so each chunk's ~15
 intermediate maps stay small, and only the gradient itself is kept.
@@ -23,7 +26,7 @@ It is a `jax.custom_jvp` whose tangent is `sum(g_x * dx + g_y * dy)`: reverse
 mode transposes that to `ct * g_x` (no second pass), forward mode
 (`jax.jvp`, `jax.jacfwd`) works, and higher derivatives differentiate the
 rule itself. Tangents that are symbolic zeros (the target image in a
-training loss) skip their three adjoint blurs. If the weights or the SSIM
+training loss) skip the adjoint blur of P_m of that image. If the weights or the SSIM
 constants carry a tangent (a `data_range` computed from the images, say), the
 rule falls back to autodiff of the plain route.
 
@@ -32,7 +35,7 @@ so that both routes share one definition of the map.
 
 Volumes (`[B, D, H, W, C]`) run the same code with a D axis. A volume too
 large for one chunk is cut into depth slabs (`choose_slab`): one scan over
-slabs runs the five blurs (each slab reads its K_D - 1 halo slices), the
+slabs runs the four blurs (each slab reads its K_D - 1 halo slices), the
 elementwise derivative and the adjoint blurs, and adds the slab's share of
 the gradient into the gradient volumes in place. Memory is then the centred
 inputs and the gradients plus one slab's intermediates (measured in
@@ -60,7 +63,7 @@ from ssim_jax import stats as stats_lib
 # Target elements per image plane chunk: about 1 MiB per float32 map.
 _CHUNK_ELEMENTS = 1 << 18
 # Maps at most this wide or high keep plain autodiff on CPU (see choose_chunk).
-_MIN_FUSED_SIDE = 128
+_MIN_FUSED_SIDE = 96
 # Volumes above this many voxels per plane are cut into depth slabs; a slab
 # holds about _SLAB_ELEMENTS input voxels (32 MiB per float32 map).
 _MAX_UNSLABBED = 1 << 25
@@ -81,11 +84,13 @@ def choose_chunk(shape: tuple[int, ...], *, kernel_size, padding: str,
   """Planes per chunk for the fused route, or 0 for plain autodiff.
 
   This is the one place where the choice is made (benchmarks/README.md,
-  quiet 2-core CPU machine, `ssim_loss` forward+backward): the fused route
-  wins where both sides of the map exceed 128 pixels (16x256x256x3: -16..-24%,
-  1x1080x1920x3 'same' + L1: -18%, 4x512x512x3: -16%; 1x1024x1024x1: equal)
-  and loses on small planes (64x64x64x3: +40%, 32x128x128x3: +8%), where
-  autodiff's transposed band gemms are cheap. Volumes follow the same rule
+  2-core CPU machines, `ssim_loss` forward+backward): the fused route wins
+  where both sides of the map exceed 96 pixels (with the four-blur
+  statistics on Zen 4, AVX-512 and `--xla_cpu_max_isa=AVX2` alike:
+  32x128x128x3 -10..-25%, 16x256x256x3 -20..-40%) and loses on small
+  planes (64x64x64x3: +20..+80%, 8x96x96x3: +30..+60%), where autodiff's
+  transposed band gemms are cheap; the two instruction sets gave the same
+  ranking, so the rule does not depend on the ISA. Volumes follow the same rule
   on their H and W sides, and always take the fused route when they need
   depth slabs (`choose_slab`: memory). No GPU measurement exists yet, so
   other backends keep plain autodiff.
@@ -142,6 +147,7 @@ class _Static(NamedTuple):
   filter_method: str
   planes_per_chunk: int
   slab_depth: int
+  term: str  # "ssim" (luminance * cs) or "cs" (contrast-structure only)
 
   @property
   def kernel(self) -> tuple[np.ndarray, ...]:
@@ -159,20 +165,43 @@ def to_nhwc(a: jax.Array) -> jax.Array:
   return jnp.moveaxis(a, 1, -1)
 
 
+TERMS = ("ssim", "cs")
+
+
+def _term_map(st: stats_lib.LocalStats, c1, c2, term: str) -> jax.Array:
+  luminance, cs = stats_lib.luminance_cs(st, c1, c2)
+  return luminance * cs if term == "ssim" else cs
+
+
 def ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel, c1: jax.Array,
                   c2: jax.Array, padding: str,
-                  filter_method: str) -> jax.Array:
+                  filter_method: str, term: str = "ssim") -> jax.Array:
   """Plain SSIM map of `[B, C, H, W]` images -> `[B, C, H', W']` (volumes
-  `[B, C, D, H, W]` -> `[B, C, D', H', W']`).
+  `[B, C, D, H, W]` -> `[B, C, D', H', W']`); with `term="cs"` the
+  contrast-structure map instead (MS-SSIM's finer scales).
 
-  The SSIM routes convert the two images to NCHW once, so the ten blurs of
+  The SSIM routes convert the two images to NCHW once, so the blurs of
   a value and its gradient run without transposes (benchmarks/README.md:
   about 2x faster forward at 1x1024x1024x1 on CPU).
   """
   st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
                              filter_method=filter_method, layout="NCHW")
-  luminance, cs = stats_lib.luminance_cs(st, c1, c2)
-  return luminance * cs
+  return _term_map(st, c1, c2, term)
+
+
+def plain_weighted_plane_sums(x: jax.Array, y: jax.Array,
+                              map_weights: jax.Array, *, kernel,
+                              c1: jax.Array, c2: jax.Array, padding: str,
+                              filter_method: str,
+                              term: str = "ssim") -> jax.Array:
+  """`weighted_plane_sums` under plain autodiff (the reference route).
+
+  Args and returns as `weighted_plane_sums` (without the chunking options).
+  """
+  smap = ssim_map_nchw(to_nchw(x), to_nchw(y), kernel=kernel, c1=c1, c2=c2,
+                       padding=padding, filter_method=filter_method,
+                       term=term)
+  return jnp.sum(to_nchw(map_weights) * smap, axis=tuple(range(2, x.ndim)))
 
 
 def plain_weighted_ssim_sum(x: jax.Array, y: jax.Array,
@@ -183,9 +212,9 @@ def plain_weighted_ssim_sum(x: jax.Array, y: jax.Array,
 
   Args and returns as `weighted_ssim_sum` (without the chunking options).
   """
-  smap = ssim_map_nchw(to_nchw(x), to_nchw(y), kernel=kernel, c1=c1, c2=c2,
-                       padding=padding, filter_method=filter_method)
-  return jnp.sum(to_nchw(map_weights) * smap, axis=tuple(range(1, x.ndim)))
+  return jnp.sum(plain_weighted_plane_sums(
+      x, y, map_weights, kernel=kernel, c1=c1, c2=c2, padding=padding,
+      filter_method=filter_method), axis=1)
 
 
 def weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
@@ -213,6 +242,28 @@ def weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
   Returns:
     float32 `[B]`.
   """
+  return jnp.sum(weighted_plane_sums(
+      x, y, map_weights, kernel=kernel, c1=c1, c2=c2, padding=padding,
+      filter_method=filter_method, planes_per_chunk=planes_per_chunk,
+      slab_depth=slab_depth), axis=1)
+
+
+def weighted_plane_sums(x: jax.Array, y: jax.Array, map_weights: jax.Array,
+                        *, kernel, c1: jax.Array, c2: jax.Array,
+                        padding: str, filter_method: str,
+                        planes_per_chunk: int, slab_depth: int = 0,
+                        term: str = "ssim") -> jax.Array:
+  """Per image and channel, sum over (H', W') of `map_weights * map`,
+  where the map is SSIM's (`term="ssim"`) or its contrast-structure factor
+  (`term="cs"`, MS-SSIM's finer scales), with the fused derivative.
+
+  Args as `weighted_ssim_sum`, and `term`: "ssim" or "cs".
+
+  Returns:
+    float32 `[B, C]`.
+  """
+  if term not in TERMS:
+    raise ValueError(f"term must be one of {TERMS}, got {term!r}")
   if planes_per_chunk < 1:
     raise ValueError(f"planes_per_chunk must be >= 1, got {planes_per_chunk}")
   if slab_depth < 0 or (slab_depth and x.ndim != 5):
@@ -221,7 +272,7 @@ def weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
   kernels = filters.as_kernels(kernel, x.ndim - 2)
   static = _Static(tuple(tuple(float(t) for t in k) for k in kernels),
                    padding, filter_method, int(planes_per_chunk),
-                   int(slab_depth))
+                   int(slab_depth), term)
   return _fused(x, y, jnp.asarray(map_weights, jnp.float32), c1, c2, static)
 
 
@@ -232,9 +283,10 @@ def _fused(x, y, map_weights, c1, c2, static: _Static):
     return _value_and_grads(x, y, map_weights, c1, c2, static, need_x=False,
                             need_y=False)[0]
   # Value only: the plain route (chunking did not speed up the forward pass).
-  return plain_weighted_ssim_sum(x, y, map_weights, kernel=static.kernel,
-                                 c1=c1, c2=c2, padding=static.padding,
-                                 filter_method=static.filter_method)
+  return plain_weighted_plane_sums(x, y, map_weights, kernel=static.kernel,
+                                   c1=c1, c2=c2, padding=static.padding,
+                                   filter_method=static.filter_method,
+                                   term=static.term)
 
 
 @functools.partial(_fused.defjvp, symbolic_zeros=True)
@@ -245,15 +297,16 @@ def _fused_jvp(static: _Static, primals, tangents):
     dense = tuple(jnp.zeros(p.shape, p.dtype) if isinstance(t, SymbolicZero)
                   else t for p, t in zip(primals, tangents))
     return jax.jvp(
-        lambda a, b, w, k1, k2: plain_weighted_ssim_sum(
+        lambda a, b, w, k1, k2: plain_weighted_plane_sums(
             a, b, w, kernel=static.kernel, c1=k1, c2=k2,
-            padding=static.padding, filter_method=static.filter_method),
+            padding=static.padding, filter_method=static.filter_method,
+            term=static.term),
         primals, dense)
   need_x = not isinstance(t_x, SymbolicZero)
   need_y = not isinstance(t_y, SymbolicZero)
   value, g_x, g_y = _value_and_grads(x, y, map_weights, c1, c2, static,
                                      need_x=need_x, need_y=need_y)
-  axes = tuple(range(1, x.ndim))
+  axes = tuple(range(1, x.ndim - 1))  # spatial: per image and channel
   tangent = jnp.zeros_like(value)
   if need_x:
     tangent = tangent + jnp.sum(g_x * t_x, axis=axes)
@@ -264,7 +317,8 @@ def _fused_jvp(static: _Static, primals, tangents):
 
 def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
                      need_x: bool, need_y: bool):
-  """Value `[B]` and gradient maps `[B, *S, C]` (None where not needed)."""
+  """Value `[B, C]` and gradient maps `[B, *S, C]` (None where not
+  needed)."""
   b, *sides, c = x.shape
   sides = tuple(sides)
   n = b * c
@@ -315,16 +369,16 @@ def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
       return None
     return to_nhwc(unchunk(g).reshape((b, c) + sides))
 
-  value = unchunk(out[0]).reshape(b, c).sum(axis=1)
+  value = unchunk(out[0]).reshape(b, c)
   return value, to_channels_last(out[1]), to_channels_last(out[2])
 
 
-def _weighted_sum_fn(ox, oy, c1, c2, weights, border_mass):
-  """sum(weights * ssim) from the five blurred maps (elementwise)."""
+def _weighted_sum_fn(ox, oy, c1, c2, weights, border_mass, term):
+  """sum(weights * map) per plane from the four blurred maps
+  (elementwise)."""
   def weighted_sum(*maps):
     st = stats_lib.moments_from_blurs(maps, ox, oy, border_mass=border_mass)
-    luminance, cs = stats_lib.luminance_cs(st, c1, c2)
-    return jnp.sum(weights * (luminance * cs),
+    return jnp.sum(weights * _term_map(st, c1, c2, term),
                    axis=tuple(range(1, weights.ndim)))
   return weighted_sum
 
@@ -343,21 +397,21 @@ def _chunk_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
   weights = (weights.reshape((-1,) + (1,) * x.ndim) if scalar_weight
              else weights[:, None])
   value, pullback = jax.vjp(
-      _weighted_sum_fn(ox, oy, c1, c2, weights, b1), *blurred)
+      _weighted_sum_fn(ox, oy, c1, c2, weights, b1, static.term), *blurred)
   if not (need_x or need_y):
     return value, None, None
-  p_mx, p_my, p_xx, p_yy, p_xy = pullback(jnp.ones_like(value))
+  p_mx, p_my, p_ss, p_xy = pullback(jnp.ones_like(value))
 
   def adjoint(a):
     return filters.blur_adjoint(a, kernel, padding=static.padding,
                                 method=static.filter_method)
 
   g_x = g_y = None
-  cross = adjoint(p_xy)
+  squares, cross = 2.0 * adjoint(p_ss), adjoint(p_xy)
   if need_x:
-    g_x = (adjoint(p_mx) + 2.0 * xc * adjoint(p_xx) + yc * cross)[:, 0]
+    g_x = (adjoint(p_mx) + xc * squares + yc * cross)[:, 0]
   if need_y:
-    g_y = (adjoint(p_my) + 2.0 * yc * adjoint(p_yy) + xc * cross)[:, 0]
+    g_y = (adjoint(p_my) + yc * squares + xc * cross)[:, 0]
   return value, g_x, g_y
 
 
@@ -415,7 +469,7 @@ def _slabbed_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
     blurred = tuple(
         filters.blur(a, kernel, padding=paddings,
                      method=static.filter_method, layout="NCHW")
-        for a in (sx, sy, sx * sx, sy * sy, sx * sy))
+        for a in (sx, sy, sx * sx + sy * sy, sx * sy))
     b1 = None
     if same:
       b1 = stats_lib.outer((jax.lax.dynamic_slice_in_dim(bd, z0, dz), bh,
@@ -425,11 +479,11 @@ def _slabbed_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
       wj = wj[None, None, :, None, None]
     else:
       wj = jax.lax.dynamic_slice_in_dim(w_map, z0, dz)[None, None]
-    value, pullback = jax.vjp(_weighted_sum_fn(ox, oy, c1, c2, wj, b1),
-                              *blurred)
+    value, pullback = jax.vjp(
+        _weighted_sum_fn(ox, oy, c1, c2, wj, b1, static.term), *blurred)
     if not (need_x or need_y):
       return grads, value
-    p_mx, p_my, p_xx, p_yy, p_xy = pullback(jnp.ones_like(value))
+    p_mx, p_my, p_ss, p_xy = pullback(jnp.ones_like(value))
 
     def adjoint(a):
       # [1, 1, dz, H', W'] -> [1, 1, dz + K_D - 1, H, W]: the input slab.
@@ -441,13 +495,11 @@ def _slabbed_value_and_grads(x, y, weights, c1, c2, *, static: _Static,
       return jax.lax.dynamic_update_slice_in_dim(g, old + part[0, 0], z0, 0)
 
     g_x, g_y = grads
-    cross = adjoint(p_xy)
+    squares, cross = 2.0 * adjoint(p_ss), adjoint(p_xy)
     if need_x:
-      g_x = accumulate(g_x, adjoint(p_mx) + 2.0 * sx * adjoint(p_xx)
-                       + sy * cross)
+      g_x = accumulate(g_x, adjoint(p_mx) + sx * squares + sy * cross)
     if need_y:
-      g_y = accumulate(g_y, adjoint(p_my) + 2.0 * sy * adjoint(p_yy)
-                       + sx * cross)
+      g_y = accumulate(g_y, adjoint(p_my) + sy * squares + sx * cross)
     return (g_x, g_y), value
 
   zeros = jnp.zeros_like(xp)

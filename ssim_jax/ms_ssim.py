@@ -35,6 +35,7 @@ import numpy as np
 
 from ssim_jax import checks
 from ssim_jax import filters
+from ssim_jax import fused
 from ssim_jax import stats as stats_lib
 from ssim_jax.ssim import _align
 from ssim_jax.ssim import _setup
@@ -151,10 +152,38 @@ def min_sizes(levels: int, windows: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
-                  foreground):
-  """Per image and channel weighted means of the cs and SSIM maps, [B, C]
-  (x, y `[B, *S, C]`)."""
+                  foreground, term):
+  """Per image and channel weighted mean of the SSIM (`term="ssim"`) or
+  contrast-structure (`term="cs"`) map and the weights' mass, both `[B, C]`
+  (x, y `[B, *S, C]`).
+
+  Without a foreground mask and with `filter_method="auto"`, planes that
+  `fused.choose_chunk` accepts (in practice the finest scale) take the
+  fused analytic derivative (`fused.weighted_plane_sums`), as `ssim_loss`
+  does; the coarser scales and the other cases run under plain autodiff.
+  """
   axes = tuple(range(1, x.ndim - 1))
+  if mask is None:
+    weights = jnp.ones((1,) * x.ndim, jnp.float32)
+  else:
+    weights = _align(mask, kernel, padding)
+  chunk = 0
+  if filter_method == "auto" and not foreground:
+    chunk = fused.choose_chunk(
+        x.shape, kernel_size=tuple(k.shape[0] for k in kernel),
+        padding=padding)
+  if chunk:
+    total = fused.weighted_plane_sums(
+        x, y, weights, kernel=kernel, c1=c1, c2=c2, padding=padding,
+        filter_method=filter_method, planes_per_chunk=chunk,
+        slab_depth=fused.choose_slab(
+            x.shape, kernel_size=tuple(k.shape[0] for k in kernel)),
+        term=term)
+    map_shape = (x.shape[0],) + tuple(
+        n if padding == "same" else n - k.shape[0] + 1
+        for n, k in zip(x.shape[1:-1], kernel)) + (x.shape[-1],)
+    mass = jnp.sum(jnp.broadcast_to(weights, map_shape), axis=axes)
+    return safe_ratio(total, mass), mass
   if foreground:
     st, local_mass = stats_lib.masked_local_stats(
         x, y, mask, kernel=kernel, padding=padding,
@@ -163,17 +192,12 @@ def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
     st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
                                filter_method=filter_method)
   luminance, cs = stats_lib.luminance_cs(st, c1, c2)
-  if mask is None:
-    weights = jnp.ones_like(cs)
-  else:
-    weights = jnp.broadcast_to(_align(mask, kernel, padding), cs.shape)
-    if foreground:
-      weights = jnp.where(local_mass > 0, weights, 0.0)
+  value = luminance * cs if term == "ssim" else cs
+  weights = jnp.broadcast_to(weights, cs.shape)
+  if foreground:
+    weights = jnp.where(local_mass > 0, weights, 0.0)
   mass = jnp.sum(weights, axis=axes)
-  cs_mean = safe_ratio(jnp.sum(weights * cs, axis=axes), mass)
-  ssim_mean = safe_ratio(jnp.sum(weights * luminance * cs, axis=axes),
-                         mass)
-  return cs_mean, ssim_mean, mass
+  return safe_ratio(jnp.sum(weights * value, axis=axes), mass), mass
 
 
 def _too_small_message(sides, window: checks.Window, levels: int) -> str:
@@ -223,14 +247,14 @@ def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
   factors = []
   mass0 = None
   for level in range(levels):
-    cs_mean, ssim_mean, mass = _level_values(
+    last = level == levels - 1
+    mean, mass = _level_values(
         xs, ys, ms, kernel=kernel, c1=s.c1, c2=s.c2, padding=s.padding,
-        filter_method=s.filter_method, foreground=foreground)
+        filter_method=s.filter_method, foreground=foreground,
+        term="ssim" if last else "cs")
     if level == 0:
       mass0 = mass
-    last = level == levels - 1
-    factors.append(_safe_pow(ssim_mean if last else cs_mean,
-                             level_weights[level]))
+    factors.append(_safe_pow(mean, level_weights[level]))
     if not last:
       axes = pyramid_axes(tuple(xs.shape[1:-1]), ws)
       if foreground:

@@ -9,11 +9,14 @@ backgrounds). Two measures keep the result accurate and in range:
 - values are centred on their per-image, per-channel (mask-weighted) mean
   before squaring; variance and covariance are shift invariant, and the
   uncentred local means (needed by the luminance term) get the offset back;
-- variances are clamped at 0 and the covariance at +-min(sqrt(var_x var_y),
-  (var_x + var_y) / 2), so the contrast-structure term lies in [-1, 1] even
-  after float32 rounding; the clamps' derivative is the identity (they are
-  inactive in exact arithmetic, see `clamp_moments`), so gradients do not
-  depend on how a CPU rounds.
+- SSIM needs the two variances only through their sum (the denominator of
+  the contrast-structure term), so four maps are blurred, not five: x, y,
+  x^2 + y^2 and x y (`var_x + var_y = B(x^2 + y^2) - mu_x^2 - mu_y^2`);
+- the variance sum is clamped at 0 and the covariance at +-(var_x + var_y) / 2,
+  so the contrast-structure term lies in [-1, 1] even after float32
+  rounding; the clamps' derivative is the identity (they are inactive in
+  exact arithmetic, see `clamp_moments`), so gradients do not depend on how
+  a CPU rounds.
 
 `local_stats` and `masked_local_stats` take float32 `[B, H, W, C]`
 (`local_stats` also `[B, C, H, W]` with `layout="NCHW"`), or volumes with a
@@ -22,7 +25,7 @@ maps of the blur's output size (each spatial side n -> n-K+1 for 'valid',
 unchanged for 'same'). The window is one 1-D kernel or one per spatial axis
 (`filters.as_kernels`). `local_stats` is three steps, public so that the
 fused derivative (`ssim_jax.fused`) can run them per chunk and differentiate
-the last one alone: `centre`, `blurred_moments` (the five blurs), and the
+the last one alone: `centre`, `blurred_moments` (the four blurs), and the
 elementwise `moments_from_blurs`. `luminance_cs` turns statistics into SSIM's two factors.
 """
 
@@ -44,51 +47,50 @@ class LocalStats(NamedTuple):
   Attributes:
     mu_x: local mean of x (uncentred, in image units).
     mu_y: local mean of y.
-    var_x: local variance of x, >= 0.
-    var_y: local variance of y, >= 0.
-    cov: local covariance, |cov| <= min(sqrt(var_x var_y), (var_x+var_y)/2).
+    var_sum: sum of the local variances of x and y, var_x + var_y >= 0
+      (all that SSIM needs of them).
+    cov: local covariance, |cov| <= var_sum / 2.
   """
   mu_x: jax.Array
   mu_y: jax.Array
-  var_x: jax.Array
-  var_y: jax.Array
+  var_sum: jax.Array
   cov: jax.Array
 
 
 @jax.custom_jvp
-def clamp_moments(var_x: jax.Array, var_y: jax.Array, cov: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Variances clamped at 0, |cov| at min(sqrt(var_x var_y), (var_x+var_y)/2).
+def clamp_moments(var_sum: jax.Array, cov: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The variance sum clamped at 0, |cov| at var_sum / 2.
 
-  The AM-GM bound makes 2|cov| <= var_x + var_y hold exactly in float32 too
-  (0.5 * s is exact), so the contrast-structure term is in [-1, 1].
+  `var_sum >= 0` and `2 |cov| <= var_sum` hold exactly in float32 after the
+  clamp (0.5 * s is exact), so the contrast-structure term
+  `(2 cov + C2) / (var_sum + C2)` is in [-1, 1]; for x == y the unclamped
+  `var_sum` is exactly `2 cov` (see `moments_from_blurs`), so cs == 1.
 
   The derivative is the identity (a hand-written JVP, below): the clamps
   correct rounding only. The statistics are moments of a probability
   measure (the window; for zero 'same' padding the window plus its missing
   mass at the value 0; for masks the normalised masked window), so in exact
-  arithmetic var >= 0 and |cov| <= sqrt(var_x var_y) <= (var_x + var_y) / 2
-  always hold and the clamp is inactive: SSIM is a smooth function of the
-  images and its derivative is that of the unclamped moments. A derivative
-  of the clamp itself would branch on rounding wherever the bound holds with
-  equality in exact arithmetic (windows in which y = x + const, e.g. a flat
-  patch at a zero-padded border): there the one-sided choice flipped with
-  the CPU's vector code (issue 12: gradient entries 0.091 vs 0.069 on
-  AVX-512 vs AVX2, where float64 gives 0.069). The identity is finite
-  everywhere and costs no backward work.
+  arithmetic var_x, var_y >= 0 and |cov| <= sqrt(var_x var_y) <=
+  (var_x + var_y) / 2 always hold and the clamp is inactive: SSIM is a
+  smooth function of the images and its derivative is that of the unclamped
+  moments. A derivative of the clamp itself would branch on rounding
+  wherever the bound holds with equality in exact arithmetic (windows in
+  which y = x + const, e.g. a flat patch at a zero-padded border): there
+  the one-sided choice flipped with the CPU's vector code (issue 12:
+  gradient entries 0.091 vs 0.069 on AVX-512 vs AVX2, where float64 gives
+  0.069). The identity is finite everywhere and costs no backward work.
 
   Args:
-    var_x: float32 map.
-    var_y: float32 map, same shape.
+    var_sum: float32 map, var_x + var_y before the clamp.
     cov: float32 map, same shape.
 
   Returns:
-    `(var_x, var_y, cov)` clamped, same shapes.
+    `(var_sum, cov)` clamped, same shapes.
   """
-  var_x = jnp.maximum(var_x, 0.0)
-  var_y = jnp.maximum(var_y, 0.0)
-  bound = jnp.minimum(jnp.sqrt(var_x * var_y), 0.5 * (var_x + var_y))
-  return var_x, var_y, jnp.clip(cov, -bound, bound)
+  var_sum = jnp.maximum(var_sum, 0.0)
+  bound = 0.5 * var_sum
+  return var_sum, jnp.clip(cov, -bound, bound)
 
 
 @clamp_moments.defjvp
@@ -96,8 +98,8 @@ def _clamp_moments_jvp(primals, tangents):
   return clamp_moments(*primals), tuple(tangents)
 
 
-def _clamp(mu_x, mu_y, var_x, var_y, cov) -> LocalStats:
-  return LocalStats(mu_x, mu_y, *clamp_moments(var_x, var_y, cov))
+def _clamp(mu_x, mu_y, var_sum, cov) -> LocalStats:
+  return LocalStats(mu_x, mu_y, *clamp_moments(var_sum, cov))
 
 
 def border_mass_vectors(sizes: tuple[int, ...],
@@ -173,7 +175,7 @@ def centre(x: jax.Array, y: jax.Array, axes: tuple[int, ...]
 def blurred_moments(xc: jax.Array, yc: jax.Array, *, kernel: np.ndarray,
                     padding: str, filter_method: str, layout: str
                     ) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
-  """Blurs of the five moment maps xc, yc, xc^2, yc^2, xc yc.
+  """Blurs of the four moment maps xc, yc, xc^2 + yc^2, xc yc.
 
   Args:
     xc: centred float32 maps (`centre`), `[B, H, W, C]` or `[B, C, H, W]`
@@ -185,23 +187,33 @@ def blurred_moments(xc: jax.Array, yc: jax.Array, *, kernel: np.ndarray,
     layout: "NHWC" or "NCHW".
 
   Returns:
-    `(blurred, border_mass)`: the five blurred maps `(m_x, m_y, e_xx, e_yy,
-    e_xy)` and, for 'same' padding, `blur(ones)` broadcastable to them
-    (None for 'valid'); the arguments of `moments_from_blurs`.
+    `(blurred, border_mass)`: the four blurred maps `(m_x, m_y, e_ss, e_xy)`
+    and, for 'same' padding, `blur(ones)` broadcastable to them (None for
+    'valid'); the arguments of `moments_from_blurs`.
   """
-  # Five separate blurs: on XLA CPU they measured faster forward+backward
-  # than one blur of the channel-stacked maps (the concatenation and split
-  # cost more than the extra launches).
+  # Separate blurs: on XLA CPU they measured faster forward+backward than one
+  # blur of the channel-stacked maps (the concatenation and split cost more
+  # than the extra launches). For x == y, xc^2 + yc^2 is exactly 2 xc yc,
+  # and so are their blurs (same gemms, scaled by a power of two).
   blurred = tuple(
       filters.blur(a, kernel, padding=padding, method=filter_method,
                    layout=layout)
-      for a in (xc, yc, xc * xc, yc * yc, xc * yc))
+      for a in (xc, yc, xc * xc + yc * yc, xc * yc))
   if padding == "valid":
     return blurred, None
   axes = spatial_axes(layout, xc.ndim)
   return blurred, _border_mass(tuple(xc.shape[a] for a in axes),
                                filters.as_kernels(kernel, len(axes)),
                                layout=layout, dtype=xc.dtype)
+
+
+def _var_sum(e_ss: jax.Array, m_x: jax.Array, m_y: jax.Array) -> jax.Array:
+  """var_x + var_y = e_ss - m_x^2 - m_y^2, written as
+  `(e_ss - 2 m_x m_y) - (m_x - m_y)^2` so that x == y gives exactly twice
+  `cov = e_xy - m_x m_y` whether or not the compiler contracts the products
+  into fused multiply-adds (e_ss == 2 e_xy, and the last term is 0)."""
+  d = m_x - m_y
+  return (e_ss - (2.0 * m_x) * m_y) - d * d
 
 
 def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
@@ -212,7 +224,7 @@ def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
   Elementwise, so it can be differentiated or evaluated per chunk of planes.
 
   Args:
-    blurred: `(m_x, m_y, e_xx, e_yy, e_xy)`, blurs of the centred maps.
+    blurred: `(m_x, m_y, e_ss, e_xy)`, blurs of the centred maps.
     ox: offset of x (broadcastable, from `centre`).
     oy: offset of y.
     border_mass: None for 'valid' padding; for zero 'same' padding
@@ -221,12 +233,11 @@ def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
   Returns:
     `LocalStats` of the uncentred images.
   """
-  m_x, m_y, e_xx, e_yy, e_xy = blurred
-  var_x = e_xx - m_x * m_x
-  var_y = e_yy - m_y * m_y
+  m_x, m_y, e_ss, e_xy = blurred
+  var_sum = _var_sum(e_ss, m_x, m_y)
   cov = e_xy - m_x * m_y
   if border_mass is None:
-    return _clamp(m_x + ox, m_y + oy, var_x, var_y, cov)
+    return _clamp(m_x + ox, m_y + oy, var_sum, cov)
   # Zero padding pads the *uncentred* image. With b1 = blur(ones) (< 1 only
   # near the border) the uncentred moments are recovered exactly:
   #   mu = m + o b1,  var += 2 o m (1-b1) + o^2 b1 (1-b1),
@@ -239,8 +250,7 @@ def moments_from_blurs(blurred: tuple[jax.Array, ...], ox: jax.Array,
     return (o_a * m_b * rest + o_b * m_a * rest) + o_a * o_b * (b1 * rest)
 
   return _clamp(m_x + ox * b1, m_y + oy * b1,
-                var_x + extra(ox, m_x, ox, m_x),
-                var_y + extra(oy, m_y, oy, m_y),
+                var_sum + (extra(ox, m_x, ox, m_x) + extra(oy, m_y, oy, m_y)),
                 cov + extra(ox, m_x, oy, m_y))
 
 
@@ -291,7 +301,7 @@ def luminance_cs(st: LocalStats, c1: jax.Array, c2: jax.Array
   half = 0.5 * sq
   cross = jnp.clip(st.mu_x * st.mu_y, -half, half)
   luminance = (2.0 * cross + c1) / (sq + c1)
-  cs = (2.0 * st.cov + c2) / ((st.var_x + st.var_y) + c2)
+  cs = (2.0 * st.cov + c2) / (st.var_sum + c2)
   return luminance, cs
 
 
@@ -335,11 +345,13 @@ def masked_local_stats(
       jnp.sum(mask * y, axis=axes, keepdims=True) / safe_mass)
   xc = jnp.where(inside, x - ox, 0.0)
   yc = jnp.where(inside, y - oy, 0.0)
+  # mask (xc^2 + yc^2) and mask (xc yc): for x == y exactly 2:1, as in
+  # `blurred_moments`.
   maps = jnp.concatenate(
-      [mask, mask * xc, mask * yc, mask * xc * xc, mask * yc * yc,
-       mask * xc * yc], axis=-1)
+      [mask, mask * xc, mask * yc, mask * (xc * xc + yc * yc),
+       mask * (xc * yc)], axis=-1)
   blurred = filters.blur(maps, kernel, padding=padding, method=filter_method)
-  w, s_x, s_y, s_xx, s_yy, s_xy = jnp.split(blurred, 6, axis=-1)
+  w, s_x, s_y, s_ss, s_xy = jnp.split(blurred, 5, axis=-1)
   # Relative threshold: blur rounding can leave ~1e-9 where the window holds
   # no mask at all; such windows are "empty" (no statistics, no weight).
   has = w > 1e-6 * jnp.max(mask, axis=axes, keepdims=True)
@@ -349,11 +361,10 @@ def masked_local_stats(
     return jnp.where(has, s / safe_w, 0.0)
 
   m_x, m_y = norm(s_x), norm(s_y)
-  var_x = norm(s_xx) - m_x * m_x
-  var_y = norm(s_yy) - m_y * m_y
+  var_sum = _var_sum(norm(s_ss), m_x, m_y)
   cov = norm(s_xy) - m_x * m_y
   # Empty windows: mean 0 (not the offset), so the map value there is the
   # finite constant 1 and carries no weight.
   mu_x = jnp.where(has, m_x + ox, 0.0)
   mu_y = jnp.where(has, m_y + oy, 0.0)
-  return _clamp(mu_x, mu_y, var_x, var_y, cov), jnp.where(has, w, 0.0)
+  return _clamp(mu_x, mu_y, var_sum, cov), jnp.where(has, w, 0.0)

@@ -7,6 +7,7 @@ patch), both float32 routes are compared with that sum run in float64.
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def _float64_value_and_grads(loss, x, y):
 # last one is topped up with padding planes (7 planes in chunks of 3).
 # The flat patch of `_pair` is where the moment bounds hold with equality:
 # at 'same' borders the 7x7 windows of the corner pixels see only the patch
-# (x == y == 0.5) and the zero padding, so cov == var_x == var_y in exact
+# (x == y == 0.5) and the zero padding, so 2 cov == var_sum in exact
 # arithmetic, and a float32 clamp there is decided by rounding.
 @pytest.mark.parametrize("shape,chunk,padding,masked", [
     ((2, 23, 30, 3), 6, "valid", False),
@@ -127,6 +128,42 @@ def test_value_and_gradients_match_float64(shape, chunk, padding, masked):
   # One image differentiated at a time (the other's blurs are skipped).
   _close(jax.grad(functools.partial(loss, f))(x, y), gx_ref)
   _close(jax.grad(functools.partial(loss, f), argnums=1)(x, y), gy_ref)
+
+
+@pytest.mark.parametrize("term,padding,masked", [
+    ("cs", "valid", False), ("cs", "same", True), ("ssim", "valid", True)])
+def test_plane_sums_match_float64(term, padding, masked):
+  # Per image and channel sums (MS-SSIM's finest scale uses term="cs"),
+  # each plane with its own cotangent.
+  shape = (2, 23, 30, 3)
+  x, y = _pair(shape, seed=12)
+  w = _weights(shape, padding, masked)
+  c1, c2 = _consts(shape[0])
+  cotangent = np.arange(1.0, 7.0).reshape(2, 3)
+  opts = dict(kernel=_KERNEL, padding=padding, term=term)
+
+  def loss(fn, a, b, **kw):
+    dt = a.dtype
+    return jnp.sum(fn(a, b, w.astype(dt), c1=c1.astype(dt), c2=c2.astype(dt),
+                      **opts, **kw) * jnp.asarray(cotangent, dt))
+
+  plain = functools.partial(loss, fused.plain_weighted_plane_sums,
+                            filter_method="matmul")
+  v_ref, gx_ref, gy_ref = _float64_value_and_grads(plain, x, y)
+  got = functools.partial(loss, fused.weighted_plane_sums,
+                          filter_method="matmul", planes_per_chunk=4)
+  v, (gx, gy) = jax.jit(jax.value_and_grad(got, argnums=(0, 1)))(x, y)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+  _close(gx, gx_ref)
+  _close(gy, gy_ref)
+  sums = fused.weighted_plane_sums(
+      x, y, w, c1=c1, c2=c2, filter_method="matmul", planes_per_chunk=4,
+      **opts)
+  assert sums.shape == (2, 3)
+  with pytest.raises(ValueError, match="term"):
+    fused.weighted_plane_sums(x, y, w, c1=c1, c2=c2, kernel=_KERNEL,
+                              padding="valid", filter_method="matmul",
+                              planes_per_chunk=1, term="luminance")
 
 
 @pytest.mark.parametrize("method", filters.METHODS)
@@ -208,10 +245,13 @@ def test_choose_chunk():
   # Small maps, and backends without a measurement: plain autodiff.
   assert fused.choose_chunk((64, 64, 64, 3), kernel_size=11,
                             padding="valid", backend="cpu") == 0
-  assert fused.choose_chunk((1, 138, 400, 1), kernel_size=11,
+  # The rule is on the map's sides (> 96 pixels), so on the padding too.
+  assert fused.choose_chunk((1, 106, 400, 1), kernel_size=11,
                             padding="valid", backend="cpu") == 0
-  assert fused.choose_chunk((1, 138, 400, 1), kernel_size=11,
+  assert fused.choose_chunk((1, 106, 400, 1), kernel_size=11,
                             padding="same", backend="cpu") > 0
+  assert fused.choose_chunk((32, 128, 128, 3), kernel_size=11,
+                            padding="valid", backend="cpu") > 0
   assert fused.choose_chunk(big, kernel_size=11, padding="valid",
                             backend="gpu") == 0
 
@@ -251,6 +291,61 @@ def test_api_routes_auto_through_the_fused_derivative():
       lambda a: ssim_jax.ssim_loss(a, y, mask=m, data_range=jnp.asarray([2.0])),
       x)
   _close(masked("auto")(x), masked("matmul")(x))
+
+
+def _ms_ssim_loss_reference(a, b, mask):
+  """1 - MS-SSIM (5 levels, 11-tap window, 'valid', weighted mask) from the
+  plain route's pieces, in the dtype of `a` (float64 for the reference: the
+  public API casts to float32)."""
+  ms_lib = importlib.import_module("ssim_jax.ms_ssim")
+  kernel = (filters.gaussian_kernel(11, 1.5),) * 2
+  c1, c2 = (jnp.full((a.shape[0],), (k * 1.0) ** 2, a.dtype)
+            for k in (0.01, 0.03))
+  factors, mass0 = [], None
+  for level, weight in enumerate(ms_lib.DEFAULT_WEIGHTS):
+    last = level == len(ms_lib.DEFAULT_WEIGHTS) - 1
+    w = (jnp.ones((1,) * 4, a.dtype) if mask is None
+         else ms_lib._align(mask, kernel, "valid"))
+    total = fused.plain_weighted_plane_sums(
+        a, b, w, kernel=kernel, c1=c1, c2=c2, padding="valid",
+        filter_method="matmul", term="ssim" if last else "cs")
+    map_shape = (a.shape[0], a.shape[1] - 10, a.shape[2] - 10, a.shape[3])
+    mass = jnp.sum(jnp.broadcast_to(w, map_shape), axis=(1, 2))
+    mass0 = mass if level == 0 else mass0
+    factors.append(ms_lib._safe_pow(total / mass, weight))
+    if not last:
+      axes = ms_lib.pyramid_axes(a.shape[1:3], (11, 11))
+      a, b = ms_lib._pool(a, axes), ms_lib._pool(b, axes)
+      mask = None if mask is None else ms_lib._pool(mask, axes)
+  per_channel = functools.reduce(lambda p, q: p * q, factors)
+  value = jnp.sum(mass0 * per_channel, axis=-1) / jnp.sum(mass0, axis=-1)
+  return 1.0 - jnp.mean(value)
+
+
+def test_ms_ssim_finest_scale_takes_the_fused_derivative():
+  # Level 0 of a 176x176 pyramid has 166x166 maps (fused route); the
+  # coarser levels run under plain autodiff. Both images' gradients match a
+  # float64 run of the plain route, with and without a weighted mask.
+  shape = (1, 176, 176, 2)
+  x, y = _pair(shape, seed=13)
+  m = jnp.asarray(np.random.default_rng(14).uniform(0, 1, shape[:3] + (1,)),
+                  jnp.float32)
+  for mask in (None, m):
+    def loss(a, b, method="auto", mask=mask):
+      return ssim_jax.ms_ssim_loss(a, b, mask=mask, filter_method=method)
+
+    assert _has_custom_jvp(loss, x, y)
+    assert not _has_custom_jvp(functools.partial(loss, method="matmul"), x, y)
+    v_ref, gx_ref, gy_ref = _float64_value_and_grads(
+        lambda a, b, mask=mask: _ms_ssim_loss_reference(
+            a, b, None if mask is None else mask.astype(a.dtype)), x, y)
+    # The reference is the API's computation.
+    np.testing.assert_allclose(
+        _ms_ssim_loss_reference(x, y, mask), loss(x, y, "matmul"), rtol=1e-5)
+    v, (gx, gy) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, y)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    _close(gx, gx_ref)
+    _close(gy, gy_ref)
 
 
 def test_fused_gradient_keeps_less_memory():

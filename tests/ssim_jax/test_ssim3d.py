@@ -275,9 +275,10 @@ def test_slabbed_derivative_matches_autodiff_float64(padding, masked):
 
 def test_slabs_bound_the_gradient_memory():
   # Compiled temp memory of the gradient (XLA memory analysis): slabs keep
-  # the centred inputs and the gradient, whole volumes ~7 maps, plain
-  # autodiff ~10 (benchmarks/README.md has the CT-sized figures).
-  shape = (1, 96, 32, 32, 1)
+  # the centred inputs and the gradient, whole volumes ~7.6 maps, plain
+  # autodiff ~4.75 (benchmarks/README.md has the CT-sized figures).
+  # Deep enough that the slabs' K_D - 1 halo slices do not dominate.
+  shape = (1, 384, 32, 32, 1)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   kernel = ssim_jax.filters.gaussian_kernel(11, 1.5)
   c = jnp.full((1,), 1e-4)
@@ -298,6 +299,8 @@ def test_slabs_bound_the_gradient_memory():
   volume = 4 * np.prod(shape)
   slabbed, whole, plain = temp(8), temp(0), temp(None)
   ratios = (slabbed / volume, whole / volume, plain / volume)
+  # Measured with the four-blur statistics (Zen 4): 3.5, 7.6 and 4.75
+  # volumes (at D = 96 the halo made the slabs 5.0 vs 4.75 for autodiff).
   assert slabbed < 0.7 * whole and slabbed < 0.85 * plain, ratios
 
 
