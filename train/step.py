@@ -45,7 +45,7 @@ from flax import nnx
 import ssim_jax
 from train import faults as faults_lib
 from train import sharding as sharding_lib
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 AXIS = sharding_lib.BATCH_AXES  # ('data', 'fsdp'): every device holds its own examples
 
