@@ -197,3 +197,18 @@ def test_fsdp_run_resumed_on_another_mesh_matches_the_data_parallel_run(referenc
   assert close.mean() > 0.95, close.mean()
   for x, y in zip(a, b):
     np.testing.assert_allclose(x, y, rtol=0, atol=cfg.vae.learning_rate * cfg.vae.steps)
+
+
+def test_a_step_that_does_not_fit_stops_before_step_1(tmp_path, monkeypatch):
+  """The device reports 1 MiB (as a GPU reports bytes_limit): the compiled vae step
+  needs more, so the run stops before training with the fields to change, and no
+  checkpoint is written."""
+  from train import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory_lib, "device_limit", lambda device=None: 2**18)
+  with pytest.raises(memory_lib.MemoryPlanError) as e:
+    loop.train_and_evaluate(tiny.get_config(), str(tmp_path), devices=jax.devices()[:2])
+  msg = str(e.value)
+  assert "memory plan (stage vae): per device" in msg and "of 256.00 KiB on the device" in msg
+  for field in memory_lib.FIELDS:
+    assert f"config.{field}" in msg
+  assert not [d for d in os.listdir(os.path.join(str(tmp_path), "vae")) if d.isdigit()]
