@@ -25,10 +25,17 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the base config (a medium-size run, not tuned for CPU)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Global batch over all processes and devices; must divide by the device count.
+  # Global batch over all processes and devices (split over data x fsdp); must
+  # divide by the device count.
   c.batch_size = 32
   # Compute dtype of the models; parameters and optimizer state stay float32.
   c.precision = "float32"  # float32 | bfloat16
+  # Device mesh (train/sharding.py): ('data', 'fsdp'). mesh.fsdp devices share one
+  # copy of the params and optimizer state, each large array split over them;
+  # it must divide the device count, data = devices // fsdp (1: data parallel).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
+  c.mesh.min_shard_size = 1024  # arrays with fewer elements stay replicated
   # Stop the run after this many consecutive skipped (non-finite) steps.
   c.max_consecutive_skips = 20
 

@@ -32,4 +32,7 @@ def get_config():
   c.eval_ode_steps = 2
   c.eval_num_images = 2
   c.progress_bar = False
+  # Its arrays are tiny: shard every one of >= 64 elements when mesh.fsdp > 1,
+  # so that the fsdp tests split most of the state.
+  c.mesh.min_shard_size = 64
   return c

@@ -105,10 +105,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     ConfigError: for the first inconsistent setting.
   """
   _int(config, "seed", minimum=0)
+  fsdp = _int(config, "mesh.fsdp", minimum=1)
+  if num_devices % fsdp:
+    _fail("mesh.fsdp", f"{fsdp} does not divide the device count {num_devices} "
+          "(the mesh is data x fsdp = devices)")
+  _int(config, "mesh.min_shard_size", minimum=0)
   batch = _int(config, "batch_size", minimum=1)
   if batch % num_devices:
-    _fail("batch_size", f"global batch {batch} is not divisible by the device count "
-          f"{num_devices}; use a multiple of {num_devices}")
+    _fail("batch_size", f"global batch {batch} is not divisible by the {num_devices} "
+          f"devices of the mesh (data={num_devices // fsdp} x fsdp={fsdp}); use a "
+          f"multiple of {num_devices}")
   _choice(config, "precision", PRECISIONS)
   _int(config, "max_consecutive_skips", minimum=1)
 

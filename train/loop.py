@@ -32,7 +32,9 @@ from train import evaluate as eval_lib
 from train import export as export_lib
 from train import faults as faults_lib
 from train import input_pipeline
+from train import memory as memory_lib
 from train import pretrained as pretrained_lib
+from train import sharding as sharding_lib
 from train import step as step_lib
 from train import writer as writer_lib
 from train.models import dit as dit_lib
@@ -75,12 +77,13 @@ def make_optimizer(config, stage_config, num_steps: int):
   return optax.chain(*parts), schedule
 
 
-def _init_split(make_model):
+def _init_split(make_model, *, abstract: bool = False):
   """`(graphdef, params, rest)` of `make_model()`, initialised in ONE jitted call.
 
   Eager NNX initialisation dispatches (and on CPU compiles) every initialiser
   op separately, which costs tens of seconds on a busy 2-core machine; the
-  graph structure comes from `nnx.eval_shape` (no FLOPs).
+  graph structure comes from `nnx.eval_shape` (no FLOPs). `abstract`: params
+  and rest as `jax.ShapeDtypeStruct`s (nothing allocated; memory planning).
   """
   graphdef, _, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
 
@@ -89,7 +92,7 @@ def _init_split(make_model):
     _, params, rest = nnx.split(make_model(), nnx.Param, ...)
     return _str_keys(params.to_pure_dict()), _str_keys(rest.to_pure_dict())
 
-  params, rest = init()
+  params, rest = jax.eval_shape(init) if abstract else init()
   return graphdef, params, rest
 
 
@@ -100,21 +103,22 @@ def _load_pretrained_vae(config, dtype):
   return split_model(vae_lib.from_diffusers(config.vae.pretrained, dtype=dtype))
 
 
-def build_models(config, *, vae_dtype=jnp.float32):
+def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False):
   """`((vae graphdef, params, rest), (dit graphdef, params, rest))`, from config.seed.
 
   With `config.vae.pretrained` the VAE is loaded from that diffusers folder
-  in `vae_dtype` (float32 if it asks for `force_upcast`) instead.
+  in `vae_dtype` (float32 if it asks for `force_upcast`) instead. `abstract`:
+  initialised params as `jax.ShapeDtypeStruct`s (loaded ones stay arrays).
   """
   vae = _load_pretrained_vae(config, vae_dtype) or _init_split(lambda: vae_lib.VAE(
       channels=tuple(config.vae.channels), latent_channels=config.vae.latent_channels,
       layers_per_block=config.vae.layers_per_block, norm_groups=config.vae.norm_groups,
-      mid_attention=config.vae.mid_attention, rngs=nnx.Rngs(config.seed)))
+      mid_attention=config.vae.mid_attention, rngs=nnx.Rngs(config.seed)), abstract=abstract)
   dit = _init_split(lambda: dit_lib.DiT(
       latent_channels=config.vae.latent_channels, patch_size=config.dit.patch_size,
       hidden_size=config.dit.hidden_size, depth=config.dit.depth,
       num_heads=config.dit.num_heads, mlp_ratio=config.dit.mlp_ratio,
-      rngs=nnx.Rngs(config.seed + 1)))
+      rngs=nnx.Rngs(config.seed + 1)), abstract=abstract)
   if config.dit.pretrained:  # fine-tuning: start from a base model's weights
     try:
       _, params = dit_lib.load_pretrained(config.dit.pretrained, like=dit[1])
@@ -144,22 +148,24 @@ class Programs(NamedTuple):
 _PROGRAMS: dict = {}
 
 
-def build_programs(config, mesh) -> Programs:
+def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
   """Builds (or returns the cached) models and jitted programs for `config` on `mesh`.
 
-  The cache key is the config JSON and the mesh devices, so calling
+  The cache key is the config JSON and the mesh, so calling
   `train_and_evaluate` again in the same process (a notebook, a resume test)
   reuses the compiled steps instead of tracing and compiling them again.
+  `abstract`: initial params and states are `jax.ShapeDtypeStruct`s, for
+  lowering and compiling the steps without allocating them (`memory_plans`).
   """
   weights = (vae_lib.locate_diffusers(config.vae.pretrained).weights
              if config.vae.pretrained else None)
-  cache_key = (config.to_json_best_effort(sort_keys=True),
+  cache_key = (config.to_json_best_effort(sort_keys=True), abstract, tuple(mesh.shape.items()),
                tuple(d.id for d in mesh.devices.flat),
                (os.stat(weights).st_mtime_ns, os.stat(weights).st_size) if weights else None)
   if cache_key in _PROGRAMS:
     return _PROGRAMS[cache_key]
   compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
-  vae, dit = build_models(config, vae_dtype=compute_dtype)
+  vae, dit = build_models(config, vae_dtype=compute_dtype, abstract=abstract)
   vae_graphdef, vae_params, vae_rest = vae
   # A trained VAE computes in compute_dtype; a pretrained one in its own dtype.
   vae_dtype = nnx.merge(vae_graphdef, vae_params, vae_rest).dtype or compute_dtype
@@ -172,17 +178,18 @@ def build_programs(config, mesh) -> Programs:
   vae_step = step_lib.make_train_step(
       step_lib.make_vae_loss(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype),
       vae_tx, mesh, make_inputs=step_lib.make_vae_inputs(latent_shape),
-      lr_schedule=vae_schedule)
+      lr_schedule=vae_schedule, min_shard_size=config.mesh.min_shard_size)
   flow_tx, flow_schedule = make_optimizer(config, config.flow, config.flow.steps)
   flow_step = step_lib.make_train_step(
       step_lib.make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest,
                               compute_dtype=compute_dtype, vae_dtype=vae_dtype),
       flow_tx, mesh, make_inputs=step_lib.make_flow_inputs(config, latent_shape),
-      lr_schedule=flow_schedule)
+      lr_schedule=flow_schedule, min_shard_size=config.mesh.min_shard_size)
+  init_state = ((lambda p, tx: jax.eval_shape(lambda q: step_lib.init_state(q, tx), p))
+                if abstract else step_lib.init_state)
   programs = Programs(
       vae=vae, dit=dit, latent_shape=latent_shape, vae_tx=vae_tx, vae_schedule=vae_schedule,
-      vae_state0=step_lib.init_state(vae_params, vae_tx),
-      flow_state0=step_lib.init_state(dit[1], flow_tx),
+      vae_state0=init_state(vae_params, vae_tx), flow_state0=init_state(dit[1], flow_tx),
       vae_step=vae_step, flow_tx=flow_tx, flow_schedule=flow_schedule, flow_step=flow_step,
       sampler=make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape,
                            compute_dtype=compute_dtype, vae_dtype=vae_dtype),
@@ -199,15 +206,64 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _abstract(tree, mesh):
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype,
-                                                     sharding=sharding), tree)
+def _abstract(tree):
+  """ShapeDtypeStructs of placed arrays, with their shardings (orbax restores onto them)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+def _memory_plan(name: str, train_step, state, batch, frozen, key) -> None:
+  """Compiles the step (the first call reuses it), logs the plan, checks the fit."""
+  plan = memory_lib.plan(train_step.lower(state, batch, frozen, key).compile(), state)
+  limit = memory_lib.device_limit()
+  _say(plan.line(name=f"stage {name}", limit=limit))
+  memory_lib.check_fit(plan, limit=limit, name=f"stage {name}")
+
+
+def memory_plans(config, devices=None, *,
+                 stages=STAGES) -> dict[str, memory_lib.MemoryPlan]:
+  """`{stage: MemoryPlan}` of `config`'s train steps, from shapes only (nothing trained).
+
+  Lowers and compiles the step of each of `stages` on abstract state, batch
+  and frozen params laid out as a run lays them out (`scripts/memory_plan.py`);
+  a pretrained VAE is still read. Stages that a run would skip are left out.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(config, num_devices=len(devices))
+  mesh = step_lib.make_mesh(devices, fsdp=config.mesh.fsdp)
+  progs = build_programs(config, mesh, abstract=True)
+  b, hr = config.batch_size, config.data.hr_size
+  lr = hr // config.data.scale
+  image = lambda size: jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32,
+                                            sharding=sharding_lib.batch_sharding(mesh))
+  rep = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      np.shape(x), x.dtype, sharding=sharding_lib.replicated(mesh)), tree)
+  key = rep(jax.random.PRNGKey(0))
+  programs = {"vae": (progs.vae_step, progs.vae_state0, {"image": image(hr)}, {}),
+              "flow": (progs.flow_step, progs.flow_state0,
+                       {"lowres": image(lr), "highres": image(hr)}, rep(progs.vae[1]))}
+  plans = {}
+  for name in stages:
+    train_step, state0, batch, frozen = programs[name]
+    if name == "vae" and (config.vae.pretrained or not config.vae.steps):
+      continue
+    if name == "flow" and not config.flow.steps:
+      continue
+    shardings = sharding_lib.state_shardings(state0, mesh,
+                                             min_shard_size=config.mesh.min_shard_size)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                         state0, shardings)
+    plans[name] = memory_lib.plan(train_step.lower(state, batch, frozen, key).compile(), state)
+  return plans
 
 
 def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
-               stop: int, total: int, checkpointer, writer, datasets, mesh):
+               stop: int, total: int, checkpointer, writer, datasets, mesh,
+               plan_memory: bool = True):
   """Trains one stage from `state.step` up to step `stop` (<= `total`).
+
+  With `plan_memory` the step is compiled before the first step and its
+  memory plan logged and checked (`_memory_plan`).
 
   Returns `(state, preempted)`; on preemption (SIGTERM on any process) the
   state is checkpointed before returning. Raises `TooManySkipsError` after
@@ -221,6 +277,7 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
   it = _train_iter(datasets, checkpointer, start)
+  raw_step = train_step
   train_step = faults_lib.wrap_train_step(  # the identity unless config.faults is set
       train_step, config, stage=name, workdir=os.path.dirname(checkpointer.directory))
   t_last, n_last = time.perf_counter(), 0
@@ -228,6 +285,8 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
   try:
     for step in range(start, stop):
       batch = step_lib.shard_batch(make_batch(next(it)), mesh)
+      if plan_memory and step == start:
+        _memory_plan(name, raw_step, state, batch, frozen, key)
       state, metrics = train_step(state, batch, frozen, key)
       done = step + 1
       n_last += 1
@@ -288,8 +347,8 @@ def _train_iter(datasets, checkpointer, step: int):
   return it
 
 
-def _restore(checkpointer, state, mesh):
-  restored, _ = checkpointer.restore_latest(_abstract(state, mesh))
+def _restore(checkpointer, state):
+  restored, _ = checkpointer.restore_latest(_abstract(state))
   return state if restored is None else restored
 
 
@@ -311,8 +370,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     per stage, `'params'`: final `{'vae', 'dit'}` params, `'grid'`: PNG path.
   """
   # 1. Validate before anything is built or compiled.
-  mesh = step_lib.make_mesh(devices)
-  config_lib.validate(config, num_devices=mesh.size)
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(config, num_devices=len(devices))
+  mesh = step_lib.make_mesh(devices, fsdp=config.mesh.fsdp)
+  place = lambda state0: step_lib.place_state(  # params and optimizer state over fsdp
+      state0, mesh, min_shard_size=config.mesh.min_shard_size)
   ckpt_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
   # A pretrained VAE: provenance (path, sha256) checked against the workdir, recorded.
@@ -344,7 +406,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "vae"),
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
-    state = _restore(checkpointer, step_lib.replicate(progs.vae_state0, mesh), mesh)
+    state = _restore(checkpointer, place(progs.vae_state0))
     t_stage = time.perf_counter()
     if total:
       _say(f"stage vae: {total} steps" + (f", resuming at step {int(state.step)}"
@@ -359,7 +421,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       preempted = True
     checkpointer.close()
     results["skipped"]["vae"] = int(state.skipped)
-    vae_params = state.params
+    vae_params = step_lib.replicate(state.params, mesh)  # gathered: frozen, exported
     if preempted:
       results["preempted"] = True
       return results
@@ -388,12 +450,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "flow"),
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
-    state = _restore(checkpointer, step_lib.replicate(progs.flow_state0, mesh), mesh)
+    state = _restore(checkpointer, place(progs.flow_state0))
     t_stage = time.perf_counter()
     _say(f"stage flow: {total} steps, "
          + (f"fine-tuning {config.dit.pretrained}" if config.dit.pretrained else "from scratch")
          + (f", resuming at step {int(state.step)}" if int(state.step) else ""))
-    frozen = step_lib.replicate(vae_params, mesh)
+    frozen = vae_params
     val_lowres = step_lib.replicate(np.asarray(val.lowres), mesh)
 
     def evaluate(dit_params, step: int, name: str | None):
@@ -414,6 +476,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       return metrics
 
     every = config.eval_every or total
+    planned = False
     while int(state.step) < stop_at("flow", total):
       # Train up to the next evaluation point, evaluate, go on (a flat loop, no callbacks).
       nxt = min((int(state.step) // every + 1) * every, stop_at("flow", total))
@@ -421,11 +484,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
           "flow", config, state=state, train_step=progs.flow_step,
           make_batch=lambda b: {"lowres": b.lowres, "highres": b.highres}, frozen=frozen,
           key=jax.random.fold_in(key, 2), stop=nxt, total=total, checkpointer=checkpointer,
-          writer=writer, datasets=datasets, mesh=mesh)
+          writer=writer, datasets=datasets, mesh=mesh, plan_memory=not planned)
+      planned = True
       if preempted:
         break
       if int(state.step) < total and int(state.step) % every == 0:
-        evaluate(state.params, int(state.step), f"step_{int(state.step):07d}.png")
+        evaluate(step_lib.replicate(state.params, mesh), int(state.step),
+                 f"step_{int(state.step):07d}.png")
     done = int(state.step)
     results["skipped"]["flow"] = int(state.skipped)
     if done < total:
@@ -435,8 +500,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       return results
     checkpointer.close()
     _say(f"stage flow: done ({time.perf_counter() - t_stage:.0f} s)")
-    results["flow"] = evaluate(state.params, done, "final.png")
-    results["params"] = {"vae": vae_params, "dit": state.params}
+    dit_params = step_lib.replicate(state.params, mesh)  # gathered: evaluated, exported
+    results["flow"] = evaluate(dit_params, done, "final.png")
+    results["params"] = {"vae": vae_params, "dit": dit_params}
     rows = dict(results["flow"])
     if config.dit.pretrained:  # the base model, before this run's fine-tuning
       results["base"] = evaluate(progs.dit[1], 0, None)["model"]
@@ -445,7 +511,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       rows = {"bicubic": rows["bicubic"], "base model (dit.pretrained)": results["base"],
               "fine-tuned model": rows["model"]}
     if is_main:
-      export_lib.export_dit(state.params, config, workdir)
+      export_lib.export_dit(dit_params, config, workdir)
       with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump({"validation": {**rows, "vae reconstruction": results["vae"]},
                    "num_val": len(val.highres), "skipped": results["skipped"]}, f, indent=2)

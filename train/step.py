@@ -1,24 +1,35 @@
-"""Jitted data-parallel train steps with skip-on-non-finite.
+"""Jitted data-parallel (and fully sharded) train steps with skip-on-non-finite.
 
-One step = `jax.jit(jax.shard_map(per_device, mesh, ...))` over a 1-D
-`('data',)` mesh (Auto axes). Per device:
+One step is one jitted program over the `('data', 'fsdp')` mesh of
+train/sharding.py (Auto axes); the batch is split over both axes (`AXIS`).
+The train state lives in its fsdp layout (each large array split over
+'fsdp', `sharding.state_spec`); fsdp = 1 is plain data parallelism.
 
-1. the float32 params (replicated) are `pcast` to device-varying, so that the
-   gradient of each device's loss is that device's LOCAL gradient (without the
-   pcast, shard_map would already sum it over devices);
-2. `ok = pmin(all finite(local loss, local grads))` over 'data': one flag on
-   which all replicas agree, decided BEFORE the all-reduce (a NaN on one device
-   would otherwise reach every device through pmean);
-3. grads are `pmean`-ed, optax computes the update, and params AND optimizer
-   state become `where(ok, new, old)`: a skipped step leaves both bit-identical
-   (so `optax.apply_if_finite`'s "apply after N errors" can never happen here);
-4. `skipped` and `consecutive_skips` counters live in the state; the loop stops
+1. The per-device loss and gradient run under `jax.shard_map`: the params
+   enter with spec `P()`, so XLA all-gathers the fsdp shards into full arrays,
+   and are `pcast` to device-varying so that the gradient of each device's
+   loss is that device's LOCAL gradient (without the pcast, shard_map would
+   already sum it over devices).
+2. `ok = pmin(all finite(local loss, local grads))` over every device: one
+   flag on which all devices agree, decided BEFORE the reduction (a NaN on
+   one device would otherwise reach every device through it).
+3. The gradient is reduced to the global mean IN the state's layout: leaves
+   split over 'fsdp' are `psum_scatter`-ed over 'fsdp' (a reduce-scatter: each
+   device receives only its shard) then `psum`-ed over 'data'; replicated
+   leaves are `pmean`-ed over both axes.
+4. Outside shard_map (same jit), optax updates the sharded params and
+   optimizer state shard by shard, and both become `where(ok, new, old)`: a
+   skipped step leaves them bit-identical (so `optax.apply_if_finite`'s "apply
+   after N errors" can never happen here). The new state is constrained to the
+   fsdp layout, so a step's output is the next step's input layout.
+5. `skipped` and `consecutive_skips` counters live in the state; the loop stops
    after `config.max_consecutive_skips`.
 
-Loss functions follow one convention so that `pmean` of local gradients is the
-gradient of the global loss: a loss function returns `(grad_loss, metrics)`
+Loss functions follow one convention so that the mean of local gradients is
+the gradient of the global loss: a loss function returns `(grad_loss, metrics)`
 where `grad_loss` is the per-device objective whose local gradients average to
 the global gradient, and `metrics` are already all-reduced (invariant) scalars.
+Collectives in a loss use `AXIS` (both mesh axes).
 """
 
 from __future__ import annotations
@@ -33,9 +44,10 @@ from flax import nnx
 
 import ssim_jax
 from train import faults as faults_lib
-from jax.sharding import NamedSharding, PartitionSpec as P
+from train import sharding as sharding_lib
+from jax.sharding import PartitionSpec as P
 
-AXIS = "data"
+AXIS = sharding_lib.BATCH_AXES  # ('data', 'fsdp'): every device holds its own examples
 
 
 class TrainState(NamedTuple):
@@ -57,11 +69,9 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
   return init(params)
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D `('data',)` mesh with Auto axis type over `devices` (all by default)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+def make_mesh(devices=None, *, fsdp: int = 1) -> jax.sharding.Mesh:
+  """The `('data', 'fsdp')` mesh over `devices` (all by default); see train/sharding.py."""
+  return sharding_lib.make_mesh(fsdp=fsdp, devices=devices)
 
 
 def all_finite(tree) -> jax.Array:
@@ -78,21 +88,37 @@ def cast_floating(tree, dtype):
 
 
 def shard_batch(batch, mesh: jax.sharding.Mesh):
-  """Per-process numpy batch pytree -> global arrays sharded over 'data'.
+  """Per-process numpy batch pytree -> global arrays split over ('data', 'fsdp').
 
   Each process passes only its own rows; `make_array_from_process_local_data`
   stitches the global batch (this is the multi-host path; one process is the
   special case of it).
   """
-  sharding = NamedSharding(mesh, P(AXIS))
+  sharding = sharding_lib.batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
-  """Puts a pytree (state, frozen params) replicated on every device of `mesh`."""
-  sharding = NamedSharding(mesh, P())
-  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+  """Puts a pytree (frozen params, validation data, gathered params) on every device."""
+  return sharding_lib.put(tree, sharding_lib.replicated(mesh))
+
+
+def place_state(state: TrainState, mesh: jax.sharding.Mesh, *,
+                min_shard_size: int = sharding_lib.MIN_SHARD_SIZE) -> TrainState:
+  """Puts a train state in its fsdp layout on `mesh` (`sharding.state_shardings`)."""
+  return sharding_lib.put(state, sharding_lib.state_shardings(
+      state, mesh, min_shard_size=min_shard_size))
+
+
+def _reduce_grad(g, spec: P, num_devices: int):
+  """Local gradient -> the global mean, in the layout `spec` of its parameter."""
+  if sharding_lib.FSDP in spec:
+    # Reduce-scatter over fsdp (each device keeps its shard), then sum over data.
+    g = jax.lax.psum_scatter(g, sharding_lib.FSDP, scatter_dimension=spec.index(
+        sharding_lib.FSDP), tiled=True)
+    return jax.lax.psum(g, sharding_lib.DATA) / num_devices
+  return jax.lax.pmean(g, AXIS)
 
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -101,19 +127,22 @@ LossFn = Callable[..., tuple[jax.Array, dict]]
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, *,
                     make_inputs: Callable | None = None,
-                    lr_schedule: Callable | None = None):
-  """Builds the jitted data-parallel train step.
+                    lr_schedule: Callable | None = None,
+                    min_shard_size: int = sharding_lib.MIN_SHARD_SIZE):
+  """Builds the jitted data-parallel / fsdp train step.
 
   Args:
     loss_fn: `loss_fn(params, batch, frozen) -> (grad_loss, metrics)` run per
-      device under shard_map (axis 'data'); see the module docstring.
+      device under shard_map (axes `AXIS`); see the module docstring.
     tx: the optax optimiser.
-    mesh: a 1-D ('data',) mesh.
+    mesh: a `('data', 'fsdp')` mesh (`sharding.make_mesh`).
     make_inputs: optional `make_inputs(batch, key) -> batch` run under jit on the
       GLOBAL batch before shard_map, e.g. to draw noise and t: drawing them
       globally makes them independent of the device count (1 vs 8 devices give
       the same numbers with the partitionable threefry PRNG).
     lr_schedule: optional `schedule(count)` for the `lr` metric.
+    min_shard_size: the state layout's threshold (`sharding.state_spec`); the
+      state passed in must be placed with the same (`place_state`).
 
   Returns:
     `step(state, batch, frozen, key) -> (state, metrics)`, jitted; `key` is the
@@ -121,14 +150,28 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     numbers. `step.trace_count()` says how many times it was traced.
   """
   traces = [0]
+  num_devices = mesh.size
 
-  def per_device(state: TrainState, batch, frozen):
-    params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), state.params)
+  def local_grads(params, batch, frozen, grad_specs):
+    params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
     (grad_loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, batch, frozen)
     local_ok = jnp.isfinite(grad_loss) & all_finite(grads)
     ok = jax.lax.pmin(local_ok.astype(jnp.int32), AXIS) > 0
-    grads = jax.lax.pmean(grads, AXIS)
+    grads = jax.tree.map(lambda g, s: _reduce_grad(g, s, num_devices), grads, grad_specs,
+                         is_leaf=lambda x: isinstance(x, P))
+    return ok, grads, metrics
+
+  def step(state: TrainState, batch, frozen, key):
+    traces[0] += 1  # Python side effect: runs once per trace, not per call.
+    if make_inputs is not None:
+      batch = make_inputs(batch, jax.random.fold_in(key, state.step))
+      batch = jax.lax.with_sharding_constraint(batch, sharding_lib.batch_sharding(mesh))
+    grad_specs = sharding_lib.state_specs(state.params, mesh, min_shard_size=min_shard_size)
+    ok, grads, metrics = jax.shard_map(
+        lambda p, b, f: local_grads(p, b, f, grad_specs), mesh=mesh,
+        in_specs=(P(), P(AXIS), P()), out_specs=(P(), grad_specs, P()))(
+            state.params, batch, frozen)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -141,20 +184,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         skipped=state.skipped + skip,
         consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
     )
+    new_state = jax.lax.with_sharding_constraint(new_state, sharding_lib.state_shardings(
+        new_state, mesh, min_shard_size=min_shard_size))
     metrics = dict(metrics)
     metrics["grad_norm"] = grad_norm
     metrics["skipped"] = skip
-    return new_state, metrics
-
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P()),
-                          out_specs=(P(), P()))
-
-  def step(state: TrainState, batch, frozen, key):
-    traces[0] += 1  # Python side effect: runs once per trace, not per call.
-    if make_inputs is not None:
-      batch = make_inputs(batch, jax.random.fold_in(key, state.step))
-      batch = jax.lax.with_sharding_constraint(batch, NamedSharding(mesh, P(AXIS)))
-    new_state, metrics = sharded(state, batch, frozen)
     if lr_schedule is not None:
       # The schedule counts applied updates only (skipped steps keep the old count).
       metrics["lr"] = jnp.asarray(lr_schedule(new_state.step - new_state.skipped - 1),
@@ -260,7 +294,7 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
 
   Batch per device: `{'lowres', 'highres', 'noise', 't'}`; `frozen` = the VAE
   params (a jit ARGUMENT, not a closed-over constant). The pixel and SSIM terms
-  come out of `flow.decoded_losses(..., axis_name='data')` normalised by the
+  come out of `flow.decoded_losses(..., axis_name=AXIS)` normalised by the
   GLOBAL weight mass (psum over devices) and are device-invariant; adding them
   to the varying local mse inserts an implicit pvary whose transpose is a psum,
   so each device's local gradient carries n times its share and `pmean` of the

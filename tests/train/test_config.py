@@ -9,7 +9,7 @@ from train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILES = ("base", "default", "pixel_only", "ssim_only", "mixed", "tiny", "vae_retina", "mse_only",
-                "flow_retina_base")
+                "flow_retina_base", "pod")
 
 
 def load(name):
@@ -63,6 +63,11 @@ BAD = [
     ({"ssim_loss_max_t": -0.3}, "ssim_loss_max_t", 8),
     ({"ssim_loss_max_t": 1.5}, "ssim_loss_max_t", 8),
     ({"batch_size": 12}, "batch_size", 8),
+    ({"batch_size": 4, "mesh.fsdp": 2}, "batch_size", 8),
+    ({"mesh.fsdp": 3}, "mesh.fsdp", 8),
+    ({"mesh.fsdp": 16}, "mesh.fsdp", 8),
+    ({"mesh.fsdp": 0}, "mesh.fsdp", 8),
+    ({"mesh.min_shard_size": -1}, "mesh.min_shard_size", 8),
     ({"batch_size": 0}, "batch_size", 1),
     ({"ssim_window_size": 8}, "ssim_window_size", 8),
     ({"ssim_window_size": 129}, "ssim_window_size", 8),

@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -122,3 +123,104 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert "preempted" in out
   steps = [int(d) for d in os.listdir(os.path.join(workdir, "vae")) if d.isdigit()]
   assert steps and max(steps) > 0, out
+
+
+def _rel_l2(a, b):
+  """||a - b|| / ||a|| over all leaves of two param lists."""
+  num = sum(float(np.sum(np.square(x.astype(np.float64) - y))) for x, y in zip(a, b))
+  den = sum(float(np.sum(np.square(x.astype(np.float64)))) for x in a)
+  return (num / den) ** 0.5
+
+
+def test_tiny_flow_step_trains_to_the_same_params_on_every_mesh():
+  """Meshes (8,1), (4,2), (2,4), (1,8): the tiny flow stage (velocity mse + decoded
+  pixel + SSIM, psum over both axes) gives the same params after 4 steps, while
+  the per-device params and optimizer state shrink (measured from the arrays)."""
+  from train import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  from train import step as step_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny.get_config()
+  rng = np.random.default_rng(0)
+  hr, lr = cfg.data.hr_size, cfg.data.hr_size // cfg.data.scale
+  batches = [{"highres": rng.uniform(-1, 1, (cfg.batch_size, hr, hr, 3)).astype(np.float32),
+              "lowres": rng.uniform(-1, 1, (cfg.batch_size, lr, lr, 3)).astype(np.float32)}
+             for _ in range(4)]
+  params, plans = {}, {}
+  # The models and the loss are built once (loop.build_programs); the step is
+  # made for each mesh exactly as build_programs makes it.
+  progs = loop.build_programs(cfg, step_lib.make_mesh(jax.devices()))
+  vae_graphdef, vae_params, vae_rest = progs.vae
+  loss_fn = step_lib.make_flow_loss(cfg, progs.dit[0], vae_graphdef, vae_rest,
+                                    compute_dtype=jnp.float32)
+  for fsdp in (1, 2, 4, 8):
+    mesh = step_lib.make_mesh(jax.devices(), fsdp=fsdp)
+    flow_step = step_lib.make_train_step(
+        loss_fn, progs.flow_tx, mesh,
+        make_inputs=step_lib.make_flow_inputs(cfg, progs.latent_shape),
+        lr_schedule=progs.flow_schedule, min_shard_size=cfg.mesh.min_shard_size)
+    state = step_lib.place_state(progs.flow_state0, mesh,
+                                 min_shard_size=cfg.mesh.min_shard_size)
+    frozen = step_lib.replicate(vae_params, mesh)
+    key = jax.random.PRNGKey(0)
+    first = step_lib.shard_batch(batches[0], mesh)
+    plans[fsdp] = memory_lib.plan(flow_step.lower(state, first, frozen, key).compile(), state)
+    for b in batches:
+      state, metrics = flow_step(state, step_lib.shard_batch(b, mesh), frozen, key)
+      assert int(metrics["skipped"]) == 0
+    assert flow_step.trace_count() == 1  # the plan's compile was the step's
+    params[fsdp] = leaves(step_lib.replicate(state.params, mesh))
+  for fsdp in (2, 4, 8):
+    assert _rel_l2(params[1], params[fsdp]) < 1e-5, fsdp
+    for a, b in zip(params[1], params[fsdp]):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert plans[fsdp].params < plans[1].params and plans[fsdp].opt_state < plans[1].opt_state
+    assert plans[fsdp].arguments < plans[1].arguments
+  assert plans[8].params < plans[4].params < plans[2].params
+  assert not all(np.array_equal(a, b) for a, b in
+                 zip(params[1], leaves(progs.dit[1])))  # they trained
+
+
+def test_fsdp_run_resumed_on_another_mesh_matches_the_data_parallel_run(reference_run,
+                                                                        tmp_path, capsys):
+  """fsdp=4 on 8 devices stops mid-flow; the run is resumed with fsdp=2 (orbax restores
+  the (2,4) checkpoint onto the (4,2) layout) and ends with the flow params of the
+  plain data-parallel reference; the memory plan is printed before step 1."""
+  _, ref = reference_run
+  workdir = str(tmp_path)
+  cfg = tiny.get_config()
+  cfg.mesh.fsdp = 4
+  r1 = loop.train_and_evaluate(cfg, workdir, devices=jax.devices(), stop_after={"flow": 2})
+  assert r1["preempted"]
+  out = capsys.readouterr().out
+  assert "memory plan (stage vae): per device" in out
+  assert "memory plan (stage flow): per device" in out
+  cfg.mesh.fsdp = 2
+  r2 = loop.train_and_evaluate(cfg, workdir, devices=jax.devices())
+  assert not r2["preempted"] and r2["skipped"] == {"vae": 0, "flow": 0}
+  a, b = leaves(ref["params"]["dit"]), leaves(r2["params"]["dit"])
+  assert _rel_l2(a, b) < 1e-5
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  # The VAE: conv biases in front of a GroupNorm have a zero gradient up to
+  # float32 rounding, which Adam normalises to steps of up to lr: those may
+  # differ by lr * steps (as between processes, test_multiprocess.py); the
+  # rest agrees to 1e-5.
+  a, b = leaves(ref["params"]["vae"]), leaves(r2["params"]["vae"])
+  close = np.concatenate([np.isclose(x, y, rtol=1e-5, atol=1e-5).ravel() for x, y in zip(a, b)])
+  assert close.mean() > 0.95, close.mean()
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=0, atol=cfg.vae.learning_rate * cfg.vae.steps)
+
+
+def test_a_step_that_does_not_fit_stops_before_step_1(tmp_path, monkeypatch):
+  """The device reports 1 MiB (as a GPU reports bytes_limit): the compiled vae step
+  needs more, so the run stops before training with the fields to change, and no
+  checkpoint is written."""
+  from train import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory_lib, "device_limit", lambda device=None: 2**18)
+  with pytest.raises(memory_lib.MemoryPlanError) as e:
+    loop.train_and_evaluate(tiny.get_config(), str(tmp_path), devices=jax.devices()[:2])
+  msg = str(e.value)
+  assert "memory plan (stage vae): per device" in msg and "of 256.00 KiB on the device" in msg
+  for field in memory_lib.FIELDS:
+    assert f"config.{field}" in msg
+  assert not [d for d in os.listdir(os.path.join(str(tmp_path), "vae")) if d.isdigit()]

@@ -1,4 +1,10 @@
-"""Two processes on localhost (CPU, gloo collectives) train to the same params as one."""
+"""Two processes on localhost (CPU, gloo collectives) train to the same params as one.
+
+Both runs use mesh.fsdp=2 on a (4, 2) mesh: each process holds its rows of the
+batch and both fsdp shards of the state (its 4 devices are 2 rows of the mesh),
+the arrays span both processes, and checkpoints, the gathered params for
+evaluation and export, and the fingerprints all go through the multi-host path.
+"""
 
 import json
 import os
@@ -29,9 +35,13 @@ WORKER = textwrap.dedent("""
     from train import loop
     from configs import tiny
     assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
+    from train import sharding
+    mesh = sharding.make_mesh(fsdp=2)
+    assert [[d.process_index for d in row] for row in mesh.devices] == [[0, 0]] * 2 + [[1, 1]] * 2
     cfg = tiny.get_config()
     cfg.vae.steps = 3
     cfg.flow.steps = 3
+    cfg.mesh.fsdp = 2
     res = loop.train_and_evaluate(cfg, sys.argv[1])
     flat = {f"{n}_{i}": np.asarray(x) for n in ("vae", "dit")
             for i, x in enumerate(jax.tree.leaves(jax.device_get(res["params"][n])))}
@@ -78,6 +88,7 @@ def test_two_processes_match_one_process(tmp_path):
   cfg = tiny.get_config()
   cfg.vae.steps = 3
   cfg.flow.steps = 3
+  cfg.mesh.fsdp = 2
   res = loop.train_and_evaluate(cfg, str(tmp_path / "single"), devices=jax.devices())
   single = [np.asarray(x) for n in ("vae", "dit")
             for x in jax.tree.leaves(jax.device_get(res["params"][n]))]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from train import step as step_lib
 
@@ -129,4 +130,85 @@ def test_non_finite_step_is_skipped_bit_identically(where):
 def test_step_traces_once():
   params, batches = toy_setup()
   _, _, train_step = run(jax.devices(), params, batches)
+  assert train_step.trace_count() == 1
+
+
+# ----------------------------------------------------------------------------
+# fsdp: the same step on ('data', 'fsdp') meshes (8,1), (4,2), (2,4), (1,8).
+
+MESHES = (1, 2, 4, 8)  # mesh.fsdp; data = 8 // fsdp
+
+
+def run_fsdp(fsdp, params, batches, *, loss_fn=toy_loss, tx=None, min_shard_size=0):
+  mesh = step_lib.make_mesh(fsdp=fsdp)
+  tx = tx or optax.adam(1e-2)
+  state = step_lib.place_state(step_lib.init_state(params, tx), mesh,
+                               min_shard_size=min_shard_size)
+  frozen = step_lib.replicate({"scale": jnp.float32(2.0)}, mesh)
+  train_step = step_lib.make_train_step(loss_fn, tx, mesh, min_shard_size=min_shard_size)
+  out = []
+  for b in batches:
+    state, metrics = train_step(state, step_lib.shard_batch(b, mesh), frozen,
+                                jax.random.PRNGKey(0))
+    out.append(jax.device_get(metrics))
+  return state, out, train_step
+
+
+def test_fsdp_meshes_train_to_the_same_params_in_the_sharded_layout():
+  params, batches = toy_setup()
+  ref, m_ref, _ = run_fsdp(1, params, batches)
+  for fsdp in MESHES[1:]:
+    state, m, train_step = run_fsdp(fsdp, params, batches)
+    for a, b in zip(m_ref, m):
+      np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+      np.testing.assert_allclose(a["mse"], b["mse"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(ref.params), jax.device_get(state.params))
+    # The step's output keeps the layout: w [4, 4] split over fsdp (rows, or
+    # columns when fsdp=8 divides neither), Adam's moments alike, counters replicated.
+    spec = P("fsdp") if fsdp <= 4 else P()
+    assert state.params["w"].sharding.spec == spec
+    assert state.opt_state[0].mu["w"].sharding.spec == spec
+    assert state.step.sharding.is_fully_replicated
+    assert train_step.trace_count() == 1
+  assert not np.allclose(jax.device_get(ref.params["w"]), params["w"])
+
+
+def test_fsdp_gradient_is_the_global_gradient_and_reduce_scattered():
+  params, batches = toy_setup()
+  b = batches[0]
+
+  def global_loss(p):
+    pred = jnp.tanh(b["x"] @ p["w"] + p["b"]) * 2.0
+    mse = jnp.mean(jnp.square(pred - b["y"]))
+    w = jnp.sum(b["wt"] * jnp.abs(pred - b["y"]).mean(-1)) / jnp.sum(b["wt"])
+    return mse + 0.5 * w
+
+  expected = optax.tree.norm(jax.grad(global_loss)(params))
+  _, m, train_step = run_fsdp(4, params, batches[:1], tx=optax.sgd(0.0))
+  np.testing.assert_allclose(m[0]["grad_norm"], expected, rtol=1e-5)
+  mesh = step_lib.make_mesh(fsdp=4)
+  state = step_lib.place_state(step_lib.init_state(params, optax.sgd(0.0)), mesh,
+                               min_shard_size=0)
+  hlo = train_step.lower(state, step_lib.shard_batch(b, mesh),
+                         step_lib.replicate({"scale": jnp.float32(2.0)}, mesh),
+                         jax.random.PRNGKey(0)).as_text()
+  assert "reduce_scatter" in hlo  # the sharded gradient is never all-reduced whole
+
+
+def test_fsdp_non_finite_step_is_skipped_bit_identically():
+  params, batches = toy_setup()
+  state, _, train_step = run_fsdp(4, params, batches[:1])
+  mesh = step_lib.make_mesh(fsdp=4)
+  frozen = step_lib.replicate({"scale": jnp.float32(2.0)}, mesh)
+  before = _state_bits(jax.device_get(state))
+  bad = dict(batches[1], x=batches[1]["x"].copy())
+  bad["x"][13, 1] = np.inf  # one sample, on one device (data 3, fsdp 1)
+  state, m = train_step(state, step_lib.shard_batch(bad, mesh), frozen, jax.random.PRNGKey(0))
+  assert int(m["skipped"]) == 1 and int(state.consecutive_skips) == 1
+  assert _state_bits(jax.device_get(state)) == before
+  assert state.params["w"].sharding.spec == P("fsdp")
+  state, m = train_step(state, step_lib.shard_batch(batches[2], mesh), frozen,
+                        jax.random.PRNGKey(0))
+  assert int(m["skipped"]) == 0 and _state_bits(jax.device_get(state)) != before
   assert train_step.trace_count() == 1
