@@ -273,9 +273,6 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
   if start >= stop:
     return state, False
   bar = None
-  if jax.process_index() == 0 and config.progress_bar:
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
   it = _train_iter(datasets, checkpointer, start)
   raw_step = train_step
   train_step = faults_lib.wrap_train_step(  # the identity unless config.faults is set
@@ -287,6 +284,9 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
       batch = step_lib.shard_batch(make_batch(next(it)), mesh)
       if plan_memory and step == start:
         _memory_plan(name, raw_step, state, batch, frozen, key)
+      if step == start and jax.process_index() == 0 and config.progress_bar:
+        from tqdm import tqdm  # after the memory plan's line, so that it is not cut by the bar
+        bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
       state, metrics = train_step(state, batch, frozen, key)
       done = step + 1
       n_last += 1
