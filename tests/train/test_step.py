@@ -63,18 +63,20 @@ def test_one_vs_eight_devices_same_loss_and_params():
   assert not np.allclose(s8.params["w"], params["w"])
 
 
+def _toy_global_loss(p, b):
+  """The toy's loss on the whole (unsharded) batch `b`, written independently of the step."""
+  pred = jnp.tanh(b["x"] @ p["w"] + p["b"]) * 2.0
+  mse = jnp.mean(jnp.square(pred - b["y"]))
+  w = jnp.sum(b["wt"] * jnp.abs(pred - b["y"]).mean(-1)) / jnp.sum(b["wt"])
+  return mse + 0.5 * w
+
+
 def test_gradient_is_the_global_gradient():
   """pmean of local grads == grad of the global loss (no hidden factor of n)."""
   params, batches = toy_setup()
   b = batches[0]
 
-  def global_loss(p):
-    pred = jnp.tanh(b["x"] @ p["w"] + p["b"]) * 2.0
-    mse = jnp.mean(jnp.square(pred - b["y"]))
-    w = jnp.sum(b["wt"] * jnp.abs(pred - b["y"]).mean(-1)) / jnp.sum(b["wt"])
-    return mse + 0.5 * w
-
-  expected = optax.tree.norm(jax.grad(global_loss)(params))
+  expected = optax.tree.norm(jax.grad(_toy_global_loss, argnums=0)(params, b))
   _, m8, _ = run(jax.devices(), params, batches[:1], tx=optax.sgd(0.0))
   np.testing.assert_allclose(m8[0]["grad_norm"], expected, rtol=1e-5)
 
@@ -178,13 +180,7 @@ def test_fsdp_gradient_is_the_global_gradient_and_reduce_scattered():
   params, batches = toy_setup()
   b = batches[0]
 
-  def global_loss(p):
-    pred = jnp.tanh(b["x"] @ p["w"] + p["b"]) * 2.0
-    mse = jnp.mean(jnp.square(pred - b["y"]))
-    w = jnp.sum(b["wt"] * jnp.abs(pred - b["y"]).mean(-1)) / jnp.sum(b["wt"])
-    return mse + 0.5 * w
-
-  expected = optax.tree.norm(jax.grad(global_loss)(params))
+  expected = optax.tree.norm(jax.grad(_toy_global_loss, argnums=0)(params, b))
   _, m, train_step = run_fsdp(4, params, batches[:1], tx=optax.sgd(0.0))
   np.testing.assert_allclose(m[0]["grad_norm"], expected, rtol=1e-5)
   mesh = step_lib.make_mesh(fsdp=4)
