@@ -140,6 +140,28 @@ def choose_slab(shape: tuple[int, ...], *, kernel_size) -> int:
   return min(per, d)
 
 
+def choose_route(shape: tuple[int, ...], *, kernel_size, padding: str,
+                 filter_method: str) -> tuple[int, int]:
+  """`(planes_per_chunk, slab_depth)` of the fused route, or `(0, 0)`: plain autodiff.
+
+  What `ssim_sums` and MS-SSIM's scales ask: only `filter_method="auto"`
+  may take the fused route (a named lowering is a request for plain
+  autodiff), then `choose_chunk` decides and `choose_slab` cuts volumes.
+
+  Args:
+    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the images.
+    kernel_size: the windows actually used (one, or one per spatial axis).
+    padding: "valid" or "same".
+    filter_method: the caller's blur lowering.
+  """
+  chunk = 0
+  if filter_method == "auto":
+    chunk = choose_chunk(shape, kernel_size=kernel_size, padding=padding)
+  if not chunk:
+    return 0, 0
+  return chunk, choose_slab(shape, kernel_size=kernel_size)
+
+
 class _Static(NamedTuple):
   """Hashable non-differentiable options of the custom_jvp."""
   taps: tuple[tuple[float, ...], ...]  # one window per spatial axis

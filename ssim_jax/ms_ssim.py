@@ -167,18 +167,14 @@ def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
     weights = jnp.ones((1,) * x.ndim, jnp.float32)
   else:
     weights = _align(mask, kernel, padding)
-  chunk = 0
-  if filter_method == "auto" and not foreground:
-    chunk = fused.choose_chunk(
-        x.shape, kernel_size=tuple(k.shape[0] for k in kernel),
-        padding=padding)
+  chunk, slab = (0, 0) if foreground else fused.choose_route(
+      x.shape, kernel_size=tuple(k.shape[0] for k in kernel),
+      padding=padding, filter_method=filter_method)
   if chunk:
     total = fused.weighted_plane_sums(
         x, y, weights, kernel=kernel, c1=c1, c2=c2, padding=padding,
         filter_method=filter_method, planes_per_chunk=chunk,
-        slab_depth=fused.choose_slab(
-            x.shape, kernel_size=tuple(k.shape[0] for k in kernel)),
-        term=term)
+        slab_depth=slab, term=term)
     map_shape = (x.shape[0],) + tuple(
         n if padding == "same" else n - k.shape[0] + 1
         for n, k in zip(x.shape[1:-1], kernel)) + (x.shape[-1],)

@@ -166,18 +166,14 @@ def _sums(s: _Setup) -> SSIMSums:
     map_weights = _align(s.mask, s.kernel, s.padding)
     mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=axes)
   # The single route of every non-foreground SSIM value.
-  chunk = 0
-  if s.filter_method == "auto":
-    chunk = fused.choose_chunk(
-        s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel),
-        padding=s.padding)
+  chunk, slab = fused.choose_route(
+      s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel),
+      padding=s.padding, filter_method=s.filter_method)
   common = dict(kernel=s.kernel, c1=s.c1, c2=s.c2, padding=s.padding,
                 filter_method=s.filter_method)
   if chunk:
     total = fused.weighted_ssim_sum(
-        s.x, s.y, map_weights, planes_per_chunk=chunk,
-        slab_depth=fused.choose_slab(
-            s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel)),
+        s.x, s.y, map_weights, planes_per_chunk=chunk, slab_depth=slab,
         **common)
   else:
     total = fused.plain_weighted_ssim_sum(s.x, s.y, map_weights, **common)

@@ -256,6 +256,28 @@ def test_choose_chunk():
                             backend="gpu") == 0
 
 
+def test_choose_route():
+  # Runs on the test machine's backend (CPU in CI), as the SSIM functions do.
+  big = (4, 256, 256, 3)
+  chunk, slab = fused.choose_route(big, kernel_size=11, padding="valid",
+                                   filter_method="auto")
+  assert chunk == fused.choose_chunk(big, kernel_size=11, padding="valid")
+  assert slab == 0  # images are never cut into slabs
+  # A named lowering asks for plain autodiff, whatever the size.
+  for method in ("matmul", "conv", "slices"):
+    assert fused.choose_route(big, kernel_size=11, padding="valid",
+                              filter_method=method) == (0, 0)
+  assert fused.choose_route((64, 64, 64, 3), kernel_size=11, padding="valid",
+                            filter_method="auto") == (0, 0)
+  # A CT-sized volume: the fused route, in depth slabs.
+  ct = (1, 300, 512, 512, 1)
+  chunk, slab = fused.choose_route(ct, kernel_size=(5, 17, 17), padding="valid",
+                                   filter_method="auto")
+  if jax.default_backend() == "cpu":
+    assert chunk >= 1
+    assert slab == fused.choose_slab(ct, kernel_size=(5, 17, 17)) > 0
+
+
 def _has_custom_jvp(fn, *args):
   # The fused rule is the only custom_jvp taking symbolic zeros (the moment
   # clamp's is another custom_jvp).
