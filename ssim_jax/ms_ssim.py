@@ -36,6 +36,7 @@ import numpy as np
 from ssim_jax import checks
 from ssim_jax import filters
 from ssim_jax import fused
+from ssim_jax import route
 from ssim_jax import stats as stats_lib
 from ssim_jax.ssim import _align
 from ssim_jax.ssim import _setup
@@ -158,7 +159,7 @@ def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
   (x, y `[B, *S, C]`).
 
   Without a foreground mask and with `filter_method="auto"`, planes that
-  `fused.choose_chunk` accepts (in practice the finest scale) take the
+  `route.choose_chunk` accepts (in practice the finest scale) take the
   fused analytic derivative (`fused.weighted_plane_sums`), as `ssim_loss`
   does; the coarser scales and the other cases run under plain autodiff.
   """
@@ -167,7 +168,7 @@ def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
     weights = jnp.ones((1,) * x.ndim, jnp.float32)
   else:
     weights = _align(mask, kernel, padding)
-  chunk, slab = (0, 0) if foreground else fused.choose_route(
+  chunk, slab = (0, 0) if foreground else route.choose_route(
       x.shape, kernel_size=tuple(k.shape[0] for k in kernel),
       padding=padding, filter_method=filter_method)
   if chunk:
@@ -290,7 +291,13 @@ def ms_ssim(
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
 ) -> jax.Array:
-  """Per-image MS-SSIM.
+  """Per-image MS-SSIM (Wang et al. 2003)::
+
+      MS-SSIM = prod_{j < M} relu(mean_w cs_j)^(w_j) * relu(mean_w SSIM_M)^(w_M)
+
+  over `M = levels` scales, the images (and mask) average-pooled by 2 from one
+  scale to the next, `cs_j` the contrast-structure map at scale j, `w_j` the
+  level weights; channels are averaged by their level-0 mask mass.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -324,7 +331,14 @@ def ms_ssim(
     gradient for an image with zero mask mass.
 
   Example:
-    >>> ms_ssim(x, y, data_range=1.0)     # x, y: [B, 192, 192, 3]
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> ms_ssim(x, x, levels=2, window_size=7)    # 48 px: too small for 5 levels
+    Array([1., 1.], dtype=float32)
+    >>> ms_ssim(x, y).shape
+    Traceback (most recent call last):
+    ...
+    ValueError: x images of 48x48 are too small for MS-SSIM with levels=5 and window_size=11: the minimum side is 161; ...
   """
   value, _, batched = _ms_ssim_parts(
       x, y, data_range=data_range, window_size=window_size, sigma=sigma,
@@ -382,7 +396,10 @@ def ms_ssim_loss(
     float32 scalar in [0, 1]; 0 with zero gradient when the mask mass is 0.
 
   Example:
-    >>> loss = ms_ssim_loss(pred, target)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> bool(0 < ms_ssim_loss(x, y, levels=2, window_size=7) < 0.1)
+    True
   """
   value, mass, _ = _ms_ssim_parts(
       x, y, data_range=data_range, window_size=window_size, sigma=sigma,

@@ -12,13 +12,13 @@ one per spatial axis; `spacing` (physical voxel size per axis, e.g. mm)
 makes `sigma` physical (sigma in voxels = sigma / spacing) and the default
 window per axis the odd size covering +-3.5 sigma (`2 int(3.5 sigma + 0.5)
 + 1` voxels, skimage's truncate=3.5: 11 for sigma 1.5). Without spacing the
-default window is 11 on every axis.
+default window is 11 on every axis. The formula::
 
     SSIM = l * cs,   l  = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1),
                      cs = (2 cov + C2) / (var_x + var_y + C2),
     C1 = (k1 L)^2, C2 = (k2 L)^2, L = data_range (per image).
 
-With variances >= 0 and |cov| clamped (see `stats`), |l| <= 1 and |cs| <= 1
+With variances >= 0 and `|cov|` clamped (see `stats`), `|l| <= 1` and `|cs| <= 1`
 hold in float32, so SSIM is in [-1, 1] and every loss `1 - SSIM` is in
 [0, 2] by construction: no final clamp (a clamp to [0, 1] would zero the
 gradient whenever SSIM < 0). `ssim(x, x) == 1` exactly: the two images go
@@ -56,6 +56,8 @@ import numpy as np
 from ssim_jax import checks
 from ssim_jax import filters
 from ssim_jax import fused
+from ssim_jax import planes
+from ssim_jax import route
 from ssim_jax import stats as stats_lib
 
 
@@ -114,10 +116,10 @@ def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: tuple[np.ndarray, ...],
               c1: jax.Array, c2: jax.Array, padding: str,
               filter_method: str) -> jax.Array:
   """SSIM map of float32 `[B, *S, C]` images -> `[B, *S', C]`."""
-  return fused.to_nhwc(
-      fused.ssim_map_nchw(fused.to_nchw(x), fused.to_nchw(y), kernel=kernel,
-                          c1=c1, c2=c2, padding=padding,
-                          filter_method=filter_method))
+  return planes.to_nhwc(
+      planes.ssim_map_nchw(planes.to_nchw(x), planes.to_nchw(y), kernel=kernel,
+                           c1=c1, c2=c2, padding=padding,
+                           filter_method=filter_method))
 
 
 def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
@@ -166,7 +168,7 @@ def _sums(s: _Setup) -> SSIMSums:
     map_weights = _align(s.mask, s.kernel, s.padding)
     mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=axes)
   # The single route of every non-foreground SSIM value.
-  chunk, slab = fused.choose_route(
+  chunk, slab = route.choose_route(
       s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel),
       padding=s.padding, filter_method=s.filter_method)
   common = dict(kernel=s.kernel, c1=s.c1, c2=s.c2, padding=s.padding,
@@ -176,7 +178,7 @@ def _sums(s: _Setup) -> SSIMSums:
         s.x, s.y, map_weights, planes_per_chunk=chunk, slab_depth=slab,
         **common)
   else:
-    total = fused.plain_weighted_ssim_sum(s.x, s.y, map_weights, **common)
+    total = planes.plain_weighted_ssim_sum(s.x, s.y, map_weights, **common)
   return SSIMSums(total, mass)
 
 
@@ -231,7 +233,7 @@ def ssim_map(
       "foreground" mode the map is computed from masked pixels only.
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering. "auto" lets `filters.choose_method` pick
-      it, and `fused.choose_chunk` whether the gradient of the SSIM value
+      it, and `route.choose_chunk` whether the gradient of the SSIM value
       is the fused analytic one (`ssim_jax.fused`); a named lowering
       ("conv", "matmul", "slices") runs under plain autodiff.
     spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
@@ -246,9 +248,10 @@ def ssim_map(
     finite value 1 (they carry no weight in `ssim`).
 
   Example:
-    >>> m = ssim_map(x, y, data_range=1.0)   # x, y: [B, 64, 64, 3] in [0, 1]
-    >>> m.shape
-    (B, 54, 54, 3)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> ssim_map(x, y).shape, ssim_map(x, y, padding="same").shape   # K = 11
+    ((2, 38, 38, 3), (2, 48, 48, 3))
   """
   s = _setup(x, y, data_range=data_range, window_size=window_size,
              sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
@@ -313,8 +316,14 @@ def ssim_sums(
     `[H, W, C]` inputs).
 
   Example:
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> m = jnp.zeros((2, 48, 48, 1)).at[:, :24].set(1.0)        # top half
     >>> s = ssim_sums(x, y, mask=m)
-    >>> loss = loss_from_sums(s)          # == ssim_loss(x, y, mask=m)
+    >>> s.mass                    # rows 5..23 of the 38 x 38 map, x 38 columns x 3 channels
+    Array([2166., 2166.], dtype=float32)
+    >>> bool(loss_from_sums(s) == ssim_loss(x, y, mask=m))
+    True
   """
   s = _setup(x, y, data_range=data_range, window_size=window_size,
              sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
@@ -344,6 +353,10 @@ def ssim(
 ) -> jax.Array:
   """Per-image SSIM (Wang et al. 2004), the mask-weighted mean of the map.
 
+  `SSIM_b = sum(w * ssim_map) / sum(w)` over the map's positions and channels
+  of image b, with `w` the mask aligned to the map (1 without a mask) and the
+  map `l * cs` (module docstring).
+
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
       float16/bfloat16/float32.
@@ -370,8 +383,14 @@ def ssim(
     mask mass is 0 gets 0 with zero gradient (it has no pixels to compare).
 
   Example:
-    >>> ssim(x, x)                        # [1., 1., ...]
-    >>> ssim(x, y, data_range=255.0)      # uint8-range float images
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> ssim(x, x)
+    Array([1., 1.], dtype=float32)
+    >>> bool(jnp.all(ssim(x, y) < 1))
+    True
+    >>> ssim(255 * x, 255 * y, data_range=255.0).shape    # uint8-range float images
+    (2,)
   """
   sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
                    sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
@@ -390,6 +409,11 @@ def loss_from_sums(sums: SSIMSums, *, axis_name: Any = None) -> jax.Array:
 
   Returns:
     float32 scalar in [0, 2]; 0 with zero gradient when the total mass is 0.
+
+  Example:
+    >>> sums = SSIMSums(jnp.array([90.0, 40.0]), jnp.array([100.0, 50.0]))
+    >>> loss_from_sums(sums)                      # 1 - 130 / 150
+    Array(0.13333333, dtype=float32)
   """
   total = jnp.sum(jnp.asarray(sums.weighted_sum, jnp.float32))
   mass = jnp.sum(jnp.asarray(sums.mass, jnp.float32))
@@ -445,7 +469,12 @@ def ssim_loss(
     float32 scalar in [0, 2].
 
   Example:
-    >>> grads = jax.grad(lambda p: ssim_loss(render(p), target))(params)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> bool(0 < ssim_loss(x, y) < 0.1)
+    True
+    >>> jax.grad(ssim_loss)(x, y).shape           # d loss / d x
+    (2, 48, 48, 3)
   """
   sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
                    sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
@@ -473,7 +502,7 @@ def l1_ssim_loss(
   """Gaussian-splatting loss `(1 - lambda) L1 + lambda (1 - SSIM)`.
 
   With `weight_map` (a per-pixel region-of-interest weight) both terms are
-  weighted means: L1 = sum(w |x - y|) / sum(w) over pixels and channels, and
+  weighted means: `L1 = sum(w |x - y|) / sum(w)` over pixels and channels, and
   SSIM the w-weighted mean of the map (mask_mode "weighted"). Zero total
   weight gives 0 with zero gradient.
 
@@ -504,7 +533,13 @@ def l1_ssim_loss(
     float32 scalar >= 0 (<= 2 * data_range-scaled L1 bound + 2 lambda).
 
   Example:
-    >>> loss = l1_ssim_loss(render, gt, ssim_weight=0.2)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> l1 = jnp.mean(jnp.abs(x - y))
+    >>> bool(jnp.isclose(l1_ssim_loss(x, y, ssim_weight=0.0), l1))
+    True
+    >>> jax.grad(l1_ssim_loss)(x, y, ssim_weight=0.2).shape
+    (2, 48, 48, 3)
   """
   lam = checks.check_unit_interval(ssim_weight, "ssim_weight")
   s = _setup(x, y, data_range=data_range, window_size=window_size,
