@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ssim_jax import filters
 from ssim_jax import stats as stats_lib
 
 
@@ -31,6 +32,26 @@ def map_sides(shape, kernel_size, padding) -> tuple[int, ...]:
   if padding == "same":
     return sides
   return tuple(n - k + 1 for n, k in zip(sides, ks))
+
+
+def align_mask(mask: jax.Array, kernel, padding: str) -> jax.Array:
+  """Crops a full-resolution mask `[B, *S, 1|C]` to the region of the map.
+
+  Args:
+    mask: `[B, *S, 1|C]`.
+    kernel: the window(s) of the map, one per spatial axis (or one).
+    padding: "valid" (crop `K // 2` per side of each axis) or "same" (none).
+
+  Returns:
+    `[B, *S', 1|C]`.
+  """
+  if padding == "same":
+    return mask
+  kernels = filters.as_kernels(kernel, mask.ndim - 2)
+  index = (slice(None),) + tuple(
+      slice(k.shape[0] // 2, n - k.shape[0] // 2)
+      for k, n in zip(kernels, mask.shape[1:-1])) + (slice(None),)
+  return mask[index]
 
 
 def to_nchw(a: jax.Array) -> jax.Array:

@@ -10,6 +10,8 @@ the rule that uses them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 
@@ -23,6 +25,21 @@ _MIN_FUSED_SIDE = 96
 # holds about _SLAB_ELEMENTS input voxels (32 MiB per float32 map).
 _MAX_UNSLABBED = 1 << 25
 _SLAB_ELEMENTS = 1 << 23
+
+
+class Route(NamedTuple):
+  """How the SSIM value is differentiated; `(0, 0)` is plain autodiff.
+
+  Attributes:
+    planes_per_chunk: image planes per chunk of the fused derivative (>= 1), or 0.
+    slab_depth: output depth slices per slab (volumes), or 0 for whole planes.
+  """
+  planes_per_chunk: int
+  slab_depth: int
+
+  @property
+  def fused(self) -> bool:
+    return self.planes_per_chunk > 0
 
 
 def choose_chunk(shape: tuple[int, ...], *, kernel_size, padding: str,
@@ -87,10 +104,10 @@ def choose_slab(shape: tuple[int, ...], *, kernel_size) -> int:
 
 
 def choose_route(shape: tuple[int, ...], *, kernel_size, padding: str,
-                 filter_method: str) -> tuple[int, int]:
-  """`(planes_per_chunk, slab_depth)` of the fused route, or `(0, 0)`: plain autodiff.
+                 filter_method: str) -> Route:
+  """The `Route` of the fused derivative, or `Route(0, 0)`: plain autodiff.
 
-  What `ssim_sums` and MS-SSIM's scales ask: only `filter_method="auto"`
+  What an SSIM call's plan (`ssim_jax.plan`) and MS-SSIM's scales ask: only `filter_method="auto"`
   may take the fused route (a named lowering is a request for plain
   autodiff), then `choose_chunk` decides and `choose_slab` cuts volumes.
 
@@ -104,5 +121,5 @@ def choose_route(shape: tuple[int, ...], *, kernel_size, padding: str,
   if filter_method == "auto":
     chunk = choose_chunk(shape, kernel_size=kernel_size, padding=padding)
   if not chunk:
-    return 0, 0
-  return chunk, choose_slab(shape, kernel_size=kernel_size)
+    return Route(0, 0)
+  return Route(chunk, choose_slab(shape, kernel_size=kernel_size))

@@ -42,6 +42,11 @@ images, chunks or devices is `psum(weighted_sum) / psum(mass)`
 
 NaN or Inf in (unmasked) images propagates to the result: the metric does not
 hide it (a trainer decides to skip the step).
+
+One call runs in one direction: `plan.make_plan` makes every check and
+decision (window, constants, mask mode, padding, blur lowering, fused or
+autodiff route), then the statistics (`stats`, `planes` or `fused`), the
+formula, and the reduction (`SSIMSums`, `loss_from_sums`).
 """
 
 from __future__ import annotations
@@ -54,10 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssim_jax import checks
-from ssim_jax import filters
 from ssim_jax import fused
+from ssim_jax import plan as plan_lib
 from ssim_jax import planes
-from ssim_jax import route
 from ssim_jax import stats as stats_lib
 
 
@@ -74,111 +78,51 @@ class SSIMSums(NamedTuple):
   mass: jax.Array
 
 
-class _Setup(NamedTuple):
-  x: jax.Array          # float32 [B, *S, C], S = (H, W) or (D, H, W)
-  y: jax.Array          # float32 [B, *S, C]
-  batched: bool
-  kernel: tuple[np.ndarray, ...]  # [K_a] per spatial axis, after shrinking
-  c1: jax.Array         # float32 [B]
-  c2: jax.Array         # float32 [B]
-  mask: jax.Array | None  # float32 [B, *S, 1|C], full resolution
-  padding: str
-  mask_mode: str
-  filter_method: str
-  window: checks.Window  # requested window (MS-SSIM uses it unshrunk)
-
-
-def _setup(x, y, *, data_range, window_size, sigma, k1, k2, padding, mask,
-           mask_mode, filter_method, spatial_dims, spacing,
-           mask_name="mask") -> _Setup:
-  """Validates every argument (trace time) and prepares float32 inputs."""
-  images = checks.check_images(x, y, spatial_dims=spatial_dims)
-  b, *sides, _ = images.x.shape
-  window = checks.check_window(window_size, sigma, spatial_dims=spatial_dims,
-                               spacing=spacing)
-  k1, k2 = checks.check_constants(k1, k2)
-  padding = checks.check_choice(padding, "padding", checks.PADDINGS)
-  mask_mode = checks.check_choice(mask_mode, "mask_mode", checks.MASK_MODES)
-  filter_method = checks.check_filter_method(filter_method)
-  dr = checks.check_data_range(data_range, b, ks=(k1, k2))
-  mask = checks.check_mask(mask, images.x.shape, batched=images.batched,
-                           name=mask_name)
-  ks = checks.effective_windows(window, sides)
-  kernel = tuple(filters.gaussian_kernel(k, sg)
-                 for k, sg in zip(ks, window.sigmas))
-  c1 = jnp.square(k1 * dr)
-  c2 = jnp.square(k2 * dr)
-  return _Setup(images.x, images.y, images.batched, kernel, c1, c2, mask,
-                padding, mask_mode, filter_method, window)
-
-
-def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: tuple[np.ndarray, ...],
-              c1: jax.Array, c2: jax.Array, padding: str,
-              filter_method: str) -> jax.Array:
-  """SSIM map of float32 `[B, *S, C]` images -> `[B, *S', C]`."""
-  return planes.to_nhwc(
-      planes.ssim_map_nchw(planes.to_nchw(x), planes.to_nchw(y), kernel=kernel,
-                           c1=c1, c2=c2, padding=padding,
-                           filter_method=filter_method))
-
-
-def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
-  """Foreground-only SSIM map and its weights, both `[B, *S', C]`."""
+def _foreground_map(p: plan_lib.Plan) -> tuple[jax.Array, jax.Array]:
+  """Statistics from masked pixels only, then the formula: the SSIM map and
+  its weights, both `[B, *S', C]`."""
   st, local_mass = stats_lib.masked_local_stats(
-      s.x, s.y, s.mask, kernel=s.kernel, padding=s.padding,
-      filter_method=s.filter_method)
-  luminance, cs = stats_lib.luminance_cs(st, s.c1, s.c2)
+      p.x, p.y, p.mask, kernel=p.kernel, padding=p.padding,
+      filter_method=p.lowering)
+  luminance, cs = stats_lib.luminance_cs(st, p.c1, p.c2)
   smap = luminance * cs
-  weights = jnp.broadcast_to(_align(s.mask, s.kernel, s.padding), smap.shape)
+  weights = jnp.broadcast_to(planes.align_mask(p.mask, p.kernel, p.padding),
+                             smap.shape)
   weights = jnp.where(local_mass > 0, weights, 0.0)
   return smap, weights
 
 
-def _align(mask: jax.Array, kernel, padding: str) -> jax.Array:
-  """Crops a full-resolution mask `[B, *S, 1|C]` to the region of the map
-  (`kernel`: the window(s) of the map, one per spatial axis)."""
-  if padding == "same":
-    return mask
-  kernels = filters.as_kernels(kernel, mask.ndim - 2)
-  index = (slice(None),) + tuple(
-      slice(k.shape[0] // 2, n - k.shape[0] // 2)
-      for k, n in zip(kernels, mask.shape[1:-1])) + (slice(None),)
-  return mask[index]
+def _map(p: plan_lib.Plan) -> jax.Array:
+  """Statistics, then the formula: the SSIM map `[B, *S', C]`."""
+  if p.foreground:
+    return _foreground_map(p)[0]
+  return planes.to_nhwc(planes.ssim_map_nchw(
+      planes.to_nchw(p.x), planes.to_nchw(p.y), kernel=p.kernel, c1=p.c1,
+      c2=p.c2, padding=p.padding, filter_method=p.lowering))
 
 
-def _map_size(s: _Setup) -> tuple[int, ...]:
-  b, *sides, c = s.x.shape
-  if s.padding == "same":
-    return tuple(s.x.shape)
-  return (b,) + tuple(n - k.shape[0] + 1
-                      for n, k in zip(sides, s.kernel)) + (c,)
-
-
-def _sums(s: _Setup) -> SSIMSums:
-  axes = tuple(range(1, s.x.ndim))
-  if s.mask is not None and s.mask_mode == "foreground":
-    smap, weights = _foreground_map(s)
+def _sums(p: plan_lib.Plan) -> SSIMSums:
+  """Statistics, formula and the per-image reduction: `SSIMSums` `[B]`."""
+  axes = tuple(range(1, p.x.ndim))
+  if p.foreground:
+    smap, weights = _foreground_map(p)
     return SSIMSums(jnp.sum(weights * smap, axis=axes),
                     jnp.sum(weights, axis=axes))
-  shape = _map_size(s)
-  if s.mask is None:
-    map_weights = jnp.ones((1,) * s.x.ndim, jnp.float32)
-    mass = jnp.full((shape[0],), float(np.prod(shape[1:])), jnp.float32)
+  if p.mask is None:
+    map_weights = jnp.ones((1,) * p.x.ndim, jnp.float32)
+    mass = jnp.full((p.map_shape[0],), float(np.prod(p.map_shape[1:])),
+                    jnp.float32)
   else:
-    map_weights = _align(s.mask, s.kernel, s.padding)
-    mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=axes)
-  # The single route of every non-foreground SSIM value.
-  chunk, slab = route.choose_route(
-      s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel),
-      padding=s.padding, filter_method=s.filter_method)
-  common = dict(kernel=s.kernel, c1=s.c1, c2=s.c2, padding=s.padding,
-                filter_method=s.filter_method)
-  if chunk:
+    map_weights = planes.align_mask(p.mask, p.kernel, p.padding)
+    mass = jnp.sum(jnp.broadcast_to(map_weights, p.map_shape), axis=axes)
+  common = dict(kernel=p.kernel, c1=p.c1, c2=p.c2, padding=p.padding,
+                filter_method=p.lowering)
+  if p.route.fused:  # decided by the plan
     total = fused.weighted_ssim_sum(
-        s.x, s.y, map_weights, planes_per_chunk=chunk, slab_depth=slab,
-        **common)
+        p.x, p.y, map_weights, planes_per_chunk=p.route.planes_per_chunk,
+        slab_depth=p.route.slab_depth, **common)
   else:
-    total = planes.plain_weighted_ssim_sum(s.x, s.y, map_weights, **common)
+    total = planes.plain_weighted_ssim_sum(p.x, p.y, map_weights, **common)
   return SSIMSums(total, mass)
 
 
@@ -253,17 +197,13 @@ def ssim_map(
     >>> ssim_map(x, y).shape, ssim_map(x, y, padding="same").shape   # K = 11
     ((2, 38, 38, 3), (2, 48, 48, 3))
   """
-  s = _setup(x, y, data_range=data_range, window_size=window_size,
-             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing)
-  if s.mask is not None and s.mask_mode == "foreground":
-    smap, _ = _foreground_map(s)
-  else:
-    smap = _ssim_map(s.x, s.y, kernel=s.kernel, c1=s.c1, c2=s.c2,
-                     padding=s.padding, filter_method=s.filter_method)
-  chex.assert_shape(smap, _map_size(s))
-  return _unbatch(smap, s.batched)
+  p = plan_lib.make_plan(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
+      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing)
+  smap = _map(p)
+  chex.assert_shape(smap, p.map_shape)
+  return _unbatch(smap, p.batched)
 
 
 def ssim_sums(
@@ -325,14 +265,14 @@ def ssim_sums(
     >>> bool(loss_from_sums(s) == ssim_loss(x, y, mask=m))
     True
   """
-  s = _setup(x, y, data_range=data_range, window_size=window_size,
-             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing)
-  out = _sums(s)
-  chex.assert_shape([out.weighted_sum, out.mass], (s.x.shape[0],))
-  return SSIMSums(_unbatch(out.weighted_sum, s.batched),
-                  _unbatch(out.mass, s.batched))
+  p = plan_lib.make_plan(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
+      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing)
+  out = _sums(p)
+  chex.assert_shape([out.weighted_sum, out.mass], (p.x.shape[0],))
+  return SSIMSums(_unbatch(out.weighted_sum, p.batched),
+                  _unbatch(out.mass, p.batched))
 
 
 def ssim(
@@ -542,16 +482,16 @@ def l1_ssim_loss(
     (2, 48, 48, 3)
   """
   lam = checks.check_unit_interval(ssim_weight, "ssim_weight")
-  s = _setup(x, y, data_range=data_range, window_size=window_size,
-             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=weight_map,
-             mask_mode="weighted", filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing,
-             mask_name="weight_map")
-  absdiff = jnp.abs(s.x - s.y)  # L1 over every pixel (or voxel) and channel
-  if s.mask is None:
+  p = plan_lib.make_plan(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=weight_map, mask_mode="weighted",
+      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing,
+      mask_name="weight_map")
+  absdiff = jnp.abs(p.x - p.y)  # L1 over every pixel (or voxel) and channel
+  if p.mask is None:
     l1 = jnp.mean(absdiff)
   else:
-    w = jnp.broadcast_to(s.mask, s.x.shape)
+    w = jnp.broadcast_to(p.mask, p.x.shape)
     l1 = safe_ratio(jnp.sum(w * absdiff), jnp.sum(w))
-  ssim_term = loss_from_sums(_sums(s))
+  ssim_term = loss_from_sums(_sums(p))
   return (1.0 - lam) * l1 + lam * ssim_term

@@ -283,7 +283,7 @@ def _ms_ssim_loss_reference(a, b, mask):
   for level, weight in enumerate(ms_lib.DEFAULT_WEIGHTS):
     last = level == len(ms_lib.DEFAULT_WEIGHTS) - 1
     w = (jnp.ones((1,) * 4, a.dtype) if mask is None
-         else ms_lib._align(mask, kernel, "valid"))
+         else planes.align_mask(mask, kernel, "valid"))
     total = planes.plain_weighted_plane_sums(
         a, b, w, kernel=kernel, c1=c1, c2=c2, padding="valid",
         filter_method="matmul", term="ssim" if last else "cs")
