@@ -16,6 +16,7 @@ Run against a checkout without `train/input_pipeline.py` (the hand-written pipel
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -23,7 +24,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-import train
+# `train` runs from the checkout (it is not installed): put the checkout first on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
 
 # By file, not by import: an editable install of another checkout can resolve a missing module.
 GRAIN = os.path.exists(os.path.join(os.path.dirname(train.__file__), "input_pipeline.py"))

@@ -24,19 +24,21 @@ import time
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("mse_only", "pixel_only", "ssim_only", "mixed")
 METRICS = ("psnr", "ssim", "ms_ssim")
 
 
 def run(name: str, seed: int, root: str, extra: list[str]) -> dict:
-  workdir = os.path.join(root, f"{name}_seed{seed}")
+  workdir = os.path.abspath(os.path.join(root, f"{name}_seed{seed}"))
   results = os.path.join(workdir, "results.json")
   if not os.path.exists(results):
     cmd = [sys.executable, "-m", "train", f"--config=configs/{name}.py",
            f"--workdir={workdir}", f"--config.seed={seed}",
            "--config.progress_bar=False"] + [f"--config.{e}" for e in extra]
     t = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    # From the repository root: `train` and `configs/` run from the checkout.
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     print(f"{name} seed {seed}: {time.time() - t:.0f} s", flush=True)
   with open(results) as f:
     return json.load(f)["validation"]

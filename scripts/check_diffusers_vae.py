@@ -3,7 +3,7 @@
 Not run in CI (it needs torch + diffusers). In a separate virtualenv:
 
   python3 -m venv /work/venv-torch && . /work/venv-torch/bin/activate
-  pip install torch==2.13.0 diffusers safetensors && pip install -e .
+  pip install torch==2.13.0 diffusers safetensors && pip install -e ".[train]"
   python scripts/check_diffusers_vae.py            # small widths, 4 families
   python scripts/check_diffusers_vae.py --full     # + full-width FLUX/SD layouts
 

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `train` runs from the checkout (it is not installed)
 
 
 def _load(workdir: str, stage: str, step: int):

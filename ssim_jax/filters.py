@@ -94,7 +94,7 @@ def choose_method(shape: tuple[int, ...], *, backend: str | None = None) -> str:
   slices won at 1080p; that is no longer so.) Other backends keep the
   reference convolution: cuDNN / TPU convolutions are fast there and no GPU
   measurement exists yet. (Whether the SSIM gradient is the fused analytic
-  one, rather than autodiff of these blurs, is `fused.choose_chunk`.)
+  one, rather than autodiff of these blurs, is `route.choose_chunk`.)
 
   Args:
     shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the image to be blurred.

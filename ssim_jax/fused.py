@@ -30,20 +30,19 @@ training loss) skip the adjoint blur of P_m of that image. If the weights or the
 constants carry a tangent (a `data_range` computed from the images, say), the
 rule falls back to autodiff of the plain route.
 
-The plain route (`ssim_map_nchw`, `plain_weighted_ssim_sum`) lives here too,
-so that both routes share one definition of the map.
+The plain route (`ssim_jax.planes`) holds the one definition of the map;
+this module differentiates it.
 
 Volumes (`[B, D, H, W, C]`) run the same code with a D axis. A volume too
-large for one chunk is cut into depth slabs (`choose_slab`): one scan over
+large for one chunk is cut into depth slabs (`route.choose_slab`): one scan over
 slabs runs the four blurs (each slab reads its K_D - 1 halo slices), the
 elementwise derivative and the adjoint blurs, and adds the slab's share of
 the gradient into the gradient volumes in place. Memory is then the centred
 inputs and the gradients plus one slab's intermediates (measured in
 benchmarks/README.md against whole-volume autodiff).
 
-`choose_chunk` is the one place that decides whether this route runs and
-with how many planes per chunk, `choose_slab` whether volumes are cut into
-depth slabs; the SSIM functions use them for `filter_method="auto"` (a named
+Whether this route runs, with how many planes per chunk and slices per slab,
+is decided by `ssim_jax.route` (for `filter_method="auto"` only; a named
 lowering runs under plain autodiff).
 """
 
@@ -58,109 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssim_jax import filters
+from ssim_jax import planes as planes_lib
 from ssim_jax import stats as stats_lib
-
-# Target elements per image plane chunk: about 1 MiB per float32 map.
-_CHUNK_ELEMENTS = 1 << 18
-# Maps at most this wide or high keep plain autodiff on CPU (see choose_chunk).
-_MIN_FUSED_SIDE = 96
-# Volumes above this many voxels per plane are cut into depth slabs; a slab
-# holds about _SLAB_ELEMENTS input voxels (32 MiB per float32 map).
-_MAX_UNSLABBED = 1 << 25
-_SLAB_ELEMENTS = 1 << 23
-
-
-def _map_sides(shape, kernel_size, padding) -> tuple[int, ...]:
-  sides = tuple(shape[1:-1])
-  ks = (tuple(kernel_size) if isinstance(kernel_size, (tuple, list))
-        else (kernel_size,) * len(sides))
-  if padding == "same":
-    return sides
-  return tuple(n - k + 1 for n, k in zip(sides, ks))
-
-
-def choose_chunk(shape: tuple[int, ...], *, kernel_size, padding: str,
-                 backend: str | None = None) -> int:
-  """Planes per chunk for the fused route, or 0 for plain autodiff.
-
-  This is the one place where the choice is made (benchmarks/README.md,
-  2-core CPU machines, `ssim_loss` forward+backward): the fused route wins
-  where both sides of the map exceed 96 pixels (with the four-blur
-  statistics on Zen 4, AVX-512 and `--xla_cpu_max_isa=AVX2` alike:
-  32x128x128x3 -10..-25%, 16x256x256x3 -20..-40%) and loses on small
-  planes (64x64x64x3: +20..+80%, 8x96x96x3: +30..+60%), where autodiff's
-  transposed band gemms are cheap; the two instruction sets gave the same
-  ranking, so the rule does not depend on the ISA. Volumes follow the same rule
-  on their H and W sides, and always take the fused route when they need
-  depth slabs (`choose_slab`: memory). No GPU measurement exists yet, so
-  other backends keep plain autodiff.
-
-  Args:
-    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the images.
-    kernel_size: K, the window actually used (one, or one per spatial axis).
-    padding: "valid" or "same".
-    backend: `jax.default_backend()` when None.
-
-  Returns:
-    Planes (image channels) per chunk, >= 1; or 0 for plain autodiff.
-  """
-  if backend is None:
-    backend = jax.default_backend()
-  sides = _map_sides(shape, kernel_size, padding)
-  if backend != "cpu":
-    return 0
-  plane = int(np.prod(shape[1:-1]))
-  if min(sides[-2:]) <= _MIN_FUSED_SIDE and not (
-      len(sides) == 3 and plane > _MAX_UNSLABBED):
-    return 0
-  return max(1, _CHUNK_ELEMENTS // plane)
-
-
-def choose_slab(shape: tuple[int, ...], *, kernel_size) -> int:
-  """Output depth slices per slab for the fused route, or 0 (whole planes).
-
-  Volumes of more than `_MAX_UNSLABBED` voxels (32 Mi: 300x512x512 is 78 Mi)
-  are cut into slabs of about `_SLAB_ELEMENTS` input voxels, but at least
-  2 (K_D - 1) output slices, so the K_D - 1 halo slices each slab re-reads
-  cost at most half of it.
-
-  Args:
-    shape: `[B, D, H, W, C]` (images `[B, H, W, C]` give 0).
-    kernel_size: the windows actually used (one, or one per spatial axis).
-
-  Returns:
-    Output depth slices per slab, or 0.
-  """
-  if len(shape) != 5 or int(np.prod(shape[1:-1])) <= _MAX_UNSLABBED:
-    return 0
-  k_d = (kernel_size[0] if isinstance(kernel_size, (tuple, list))
-         else kernel_size)
-  d, h, w = shape[1:-1]
-  per = max(2 * (k_d - 1), _SLAB_ELEMENTS // (h * w) - (k_d - 1), 1)
-  return min(per, d)
-
-
-def choose_route(shape: tuple[int, ...], *, kernel_size, padding: str,
-                 filter_method: str) -> tuple[int, int]:
-  """`(planes_per_chunk, slab_depth)` of the fused route, or `(0, 0)`: plain autodiff.
-
-  What `ssim_sums` and MS-SSIM's scales ask: only `filter_method="auto"`
-  may take the fused route (a named lowering is a request for plain
-  autodiff), then `choose_chunk` decides and `choose_slab` cuts volumes.
-
-  Args:
-    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the images.
-    kernel_size: the windows actually used (one, or one per spatial axis).
-    padding: "valid" or "same".
-    filter_method: the caller's blur lowering.
-  """
-  chunk = 0
-  if filter_method == "auto":
-    chunk = choose_chunk(shape, kernel_size=kernel_size, padding=padding)
-  if not chunk:
-    return 0, 0
-  return chunk, choose_slab(shape, kernel_size=kernel_size)
-
 
 class _Static(NamedTuple):
   """Hashable non-differentiable options of the custom_jvp."""
@@ -174,69 +72,6 @@ class _Static(NamedTuple):
   @property
   def kernel(self) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(t, np.float32) for t in self.taps)
-
-
-def to_nchw(a: jax.Array) -> jax.Array:
-  """`[B, H, W, C]` -> `[B, C, H, W]` (volumes `[B, D, H, W, C]` ->
-  `[B, C, D, H, W]`)."""
-  return jnp.moveaxis(a, -1, 1)
-
-
-def to_nhwc(a: jax.Array) -> jax.Array:
-  """Inverse of `to_nchw`."""
-  return jnp.moveaxis(a, 1, -1)
-
-
-TERMS = ("ssim", "cs")
-
-
-def _term_map(st: stats_lib.LocalStats, c1, c2, term: str) -> jax.Array:
-  luminance, cs = stats_lib.luminance_cs(st, c1, c2)
-  return luminance * cs if term == "ssim" else cs
-
-
-def ssim_map_nchw(x: jax.Array, y: jax.Array, *, kernel, c1: jax.Array,
-                  c2: jax.Array, padding: str,
-                  filter_method: str, term: str = "ssim") -> jax.Array:
-  """Plain SSIM map of `[B, C, H, W]` images -> `[B, C, H', W']` (volumes
-  `[B, C, D, H, W]` -> `[B, C, D', H', W']`); with `term="cs"` the
-  contrast-structure map instead (MS-SSIM's finer scales).
-
-  The SSIM routes convert the two images to NCHW once, so the blurs of
-  a value and its gradient run without transposes (benchmarks/README.md:
-  about 2x faster forward at 1x1024x1024x1 on CPU).
-  """
-  st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
-                             filter_method=filter_method, layout="NCHW")
-  return _term_map(st, c1, c2, term)
-
-
-def plain_weighted_plane_sums(x: jax.Array, y: jax.Array,
-                              map_weights: jax.Array, *, kernel,
-                              c1: jax.Array, c2: jax.Array, padding: str,
-                              filter_method: str,
-                              term: str = "ssim") -> jax.Array:
-  """`weighted_plane_sums` under plain autodiff (the reference route).
-
-  Args and returns as `weighted_plane_sums` (without the chunking options).
-  """
-  smap = ssim_map_nchw(to_nchw(x), to_nchw(y), kernel=kernel, c1=c1, c2=c2,
-                       padding=padding, filter_method=filter_method,
-                       term=term)
-  return jnp.sum(to_nchw(map_weights) * smap, axis=tuple(range(2, x.ndim)))
-
-
-def plain_weighted_ssim_sum(x: jax.Array, y: jax.Array,
-                            map_weights: jax.Array, *, kernel,
-                            c1: jax.Array, c2: jax.Array, padding: str,
-                            filter_method: str) -> jax.Array:
-  """`weighted_ssim_sum` under plain autodiff (the reference route).
-
-  Args and returns as `weighted_ssim_sum` (without the chunking options).
-  """
-  return jnp.sum(plain_weighted_plane_sums(
-      x, y, map_weights, kernel=kernel, c1=c1, c2=c2, padding=padding,
-      filter_method=filter_method), axis=1)
 
 
 def weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
@@ -257,9 +92,9 @@ def weighted_ssim_sum(x: jax.Array, y: jax.Array, map_weights: jax.Array, *,
     padding: "valid" or "same".
     filter_method: blur lowering passed to `filters.blur`.
     planes_per_chunk: image planes (one channel of one image) per chunk of
-      the fused derivative, >= 1 (`choose_chunk`).
-    slab_depth: volumes only: output depth slices per slab (`choose_slab`),
-      or 0 for whole volumes.
+      the fused derivative, >= 1 (`route.choose_chunk`).
+    slab_depth: volumes only: output depth slices per slab,
+      or 0 for whole volumes (`route.choose_slab`).
 
   Returns:
     float32 `[B]`.
@@ -284,8 +119,8 @@ def weighted_plane_sums(x: jax.Array, y: jax.Array, map_weights: jax.Array,
   Returns:
     float32 `[B, C]`.
   """
-  if term not in TERMS:
-    raise ValueError(f"term must be one of {TERMS}, got {term!r}")
+  if term not in planes_lib.TERMS:
+    raise ValueError(f"term must be one of {planes_lib.TERMS}, got {term!r}")
   if planes_per_chunk < 1:
     raise ValueError(f"planes_per_chunk must be >= 1, got {planes_per_chunk}")
   if slab_depth < 0 or (slab_depth and x.ndim != 5):
@@ -305,10 +140,10 @@ def _fused(x, y, map_weights, c1, c2, static: _Static):
     return _value_and_grads(x, y, map_weights, c1, c2, static, need_x=False,
                             need_y=False)[0]
   # Value only: the plain route (chunking did not speed up the forward pass).
-  return plain_weighted_plane_sums(x, y, map_weights, kernel=static.kernel,
-                                   c1=c1, c2=c2, padding=static.padding,
-                                   filter_method=static.filter_method,
-                                   term=static.term)
+  return planes_lib.plain_weighted_plane_sums(
+      x, y, map_weights, kernel=static.kernel, c1=c1, c2=c2,
+      padding=static.padding, filter_method=static.filter_method,
+      term=static.term)
 
 
 @functools.partial(_fused.defjvp, symbolic_zeros=True)
@@ -319,7 +154,7 @@ def _fused_jvp(static: _Static, primals, tangents):
     dense = tuple(jnp.zeros(p.shape, p.dtype) if isinstance(t, SymbolicZero)
                   else t for p, t in zip(primals, tangents))
     return jax.jvp(
-        lambda a, b, w, k1, k2: plain_weighted_plane_sums(
+        lambda a, b, w, k1, k2: planes_lib.plain_weighted_plane_sums(
             a, b, w, kernel=static.kernel, c1=k1, c2=k2,
             padding=static.padding, filter_method=static.filter_method,
             term=static.term),
@@ -344,15 +179,15 @@ def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
   b, *sides, c = x.shape
   sides = tuple(sides)
   n = b * c
-  out_sides = _map_sides(x.shape, tuple(len(t) for t in static.taps),
+  out_sides = planes_lib.map_sides(x.shape, tuple(len(t) for t in static.taps),
                          static.padding)
-  planes = [to_nchw(x).reshape((n,) + sides),
-            to_nchw(y).reshape((n,) + sides)]
+  planes = [planes_lib.to_nchw(x).reshape((n,) + sides),
+            planes_lib.to_nchw(y).reshape((n,) + sides)]
   scalar_weight = map_weights.size == 1
   if scalar_weight:
     planes.append(jnp.broadcast_to(map_weights.reshape(()), (n,)))
   else:
-    planes.append(to_nchw(jnp.broadcast_to(
+    planes.append(planes_lib.to_nchw(jnp.broadcast_to(
         map_weights, (b,) + out_sides + (c,))).reshape((n,) + out_sides))
   planes += [jnp.repeat(c1, c), jnp.repeat(c2, c)]
   per_chunk = 1 if static.slab_depth else static.planes_per_chunk
@@ -389,7 +224,7 @@ def _value_and_grads(x, y, map_weights, c1, c2, static: _Static, *,
   def to_channels_last(g):
     if g is None:
       return None
-    return to_nhwc(unchunk(g).reshape((b, c) + sides))
+    return planes_lib.to_nhwc(unchunk(g).reshape((b, c) + sides))
 
   value = unchunk(out[0]).reshape(b, c)
   return value, to_channels_last(out[1]), to_channels_last(out[2])
@@ -400,7 +235,7 @@ def _weighted_sum_fn(ox, oy, c1, c2, weights, border_mass, term):
   (elementwise)."""
   def weighted_sum(*maps):
     st = stats_lib.moments_from_blurs(maps, ox, oy, border_mass=border_mass)
-    return jnp.sum(weights * _term_map(st, c1, c2, term),
+    return jnp.sum(weights * planes_lib.term_map(st, c1, c2, term),
                    axis=tuple(range(1, weights.ndim)))
   return weighted_sum
 

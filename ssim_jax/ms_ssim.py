@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssim_jax import checks
-from ssim_jax import filters
 from ssim_jax import fused
+from ssim_jax import plan as plan_lib
+from ssim_jax import planes
+from ssim_jax import route as route_lib
 from ssim_jax import stats as stats_lib
-from ssim_jax.ssim import _align
-from ssim_jax.ssim import _setup
 from ssim_jax.ssim import safe_ratio
 
 # Wang et al. 2003, the five standard scale weights.
@@ -151,42 +151,37 @@ def min_sizes(levels: int, windows: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(windows[:-2]) + in_plane
 
 
-def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
-                  foreground, term):
+def _level_values(x, y, mask, *, kernel, c1, c2, padding, lowering,
+                  foreground, term, route: route_lib.Route):
   """Per image and channel weighted mean of the SSIM (`term="ssim"`) or
   contrast-structure (`term="cs"`) map and the weights' mass, both `[B, C]`
   (x, y `[B, *S, C]`).
 
-  Without a foreground mask and with `filter_method="auto"`, planes that
-  `fused.choose_chunk` accepts (in practice the finest scale) take the
-  fused analytic derivative (`fused.weighted_plane_sums`), as `ssim_loss`
-  does; the coarser scales and the other cases run under plain autodiff.
+  `route` is this scale's, decided up front (`_level_routes`): where it is
+  fused (in practice the finest scale) the sum takes the fused analytic
+  derivative (`fused.weighted_plane_sums`), as `ssim_loss` does; the
+  coarser scales and the foreground mode run under plain autodiff.
   """
   axes = tuple(range(1, x.ndim - 1))
   if mask is None:
     weights = jnp.ones((1,) * x.ndim, jnp.float32)
   else:
-    weights = _align(mask, kernel, padding)
-  chunk, slab = (0, 0) if foreground else fused.choose_route(
-      x.shape, kernel_size=tuple(k.shape[0] for k in kernel),
-      padding=padding, filter_method=filter_method)
-  if chunk:
+    weights = planes.align_mask(mask, kernel, padding)
+  if route.fused:
     total = fused.weighted_plane_sums(
         x, y, weights, kernel=kernel, c1=c1, c2=c2, padding=padding,
-        filter_method=filter_method, planes_per_chunk=chunk,
-        slab_depth=slab, term=term)
-    map_shape = (x.shape[0],) + tuple(
-        n if padding == "same" else n - k.shape[0] + 1
-        for n, k in zip(x.shape[1:-1], kernel)) + (x.shape[-1],)
+        filter_method=lowering, planes_per_chunk=route.planes_per_chunk,
+        slab_depth=route.slab_depth, term=term)
+    map_shape = (x.shape[0],) + planes.map_sides(
+        x.shape, tuple(k.shape[0] for k in kernel), padding) + (x.shape[-1],)
     mass = jnp.sum(jnp.broadcast_to(weights, map_shape), axis=axes)
     return safe_ratio(total, mass), mass
   if foreground:
     st, local_mass = stats_lib.masked_local_stats(
-        x, y, mask, kernel=kernel, padding=padding,
-        filter_method=filter_method)
+        x, y, mask, kernel=kernel, padding=padding, filter_method=lowering)
   else:
     st = stats_lib.local_stats(x, y, kernel=kernel, padding=padding,
-                               filter_method=filter_method)
+                               filter_method=lowering)
   luminance, cs = stats_lib.luminance_cs(st, c1, c2)
   value = luminance * cs if term == "ssim" else cs
   weights = jnp.broadcast_to(weights, cs.shape)
@@ -194,6 +189,24 @@ def _level_values(x, y, mask, *, kernel, c1, c2, padding, filter_method,
     weights = jnp.where(local_mass > 0, weights, 0.0)
   mass = jnp.sum(weights, axis=axes)
   return safe_ratio(jnp.sum(weights * value, axis=axes), mass), mass
+
+
+def _level_routes(p: plan_lib.Plan, levels: int
+                  ) -> tuple[route_lib.Route, ...]:
+  """The route of every scale, decided before any arithmetic: scale 0 is the
+  plan's; scale j + 1 has the sides of scale j halved (rounded up) along
+  `pyramid_axes`, as `_pool` makes them."""
+  ws = p.window.sizes
+  shape = tuple(p.x.shape)
+  routes = [p.route]
+  for _ in range(levels - 1):
+    axes = pyramid_axes(shape[1:-1], ws)
+    shape = tuple(-(-n // 2) if i in axes else n for i, n in enumerate(shape))
+    routes.append(route_lib.Route(0, 0) if p.foreground else
+                  route_lib.choose_route(shape, kernel_size=ws,
+                                         padding=p.padding,
+                                         filter_method=p.filter_method))
+  return tuple(routes)
 
 
 def _too_small_message(sides, window: checks.Window, levels: int) -> str:
@@ -223,20 +236,20 @@ def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
   """Validated MS-SSIM: (per-image value [B], per-image mass [B], batched)."""
   level_weights = _check_levels(levels, weights)
   levels = len(level_weights)
-  s = _setup(x, y, data_range=data_range, window_size=window_size,
-             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing)
-  ws = s.window.sizes
-  sides = tuple(s.x.shape[1:-1])
+  # Every check and decision up front: the plan (the window is not shrunk:
+  # every level uses the same window), the size check, each scale's route.
+  p = plan_lib.make_plan(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
+      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing,
+      shrink_window=False)
+  ws = p.window.sizes
+  sides = tuple(p.x.shape[1:-1])
   if any(n < m for n, m in zip(sides, min_sizes(levels, ws))):
-    raise ValueError(_too_small_message(sides, s.window, levels))
-  # The window does not shrink in MS-SSIM: every level uses the same window.
-  kernel = tuple(filters.gaussian_kernel(k, sg)
-                 for k, sg in zip(ws, s.window.sigmas))
-  foreground = s.mask is not None and s.mask_mode == "foreground"
-  xs, ys, ms = s.x, s.y, s.mask
-  if foreground:
+    raise ValueError(_too_small_message(sides, p.window, levels))
+  routes = _level_routes(p, levels)
+  xs, ys, ms = p.x, p.y, p.mask
+  if p.foreground:
     inside = jnp.broadcast_to(ms, xs.shape) > 0
     xs = jnp.where(inside, xs, 0.0)
     ys = jnp.where(inside, ys, 0.0)
@@ -245,15 +258,15 @@ def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
   for level in range(levels):
     last = level == levels - 1
     mean, mass = _level_values(
-        xs, ys, ms, kernel=kernel, c1=s.c1, c2=s.c2, padding=s.padding,
-        filter_method=s.filter_method, foreground=foreground,
-        term="ssim" if last else "cs")
+        xs, ys, ms, kernel=p.kernel, c1=p.c1, c2=p.c2, padding=p.padding,
+        lowering=p.lowering, foreground=p.foreground,
+        term="ssim" if last else "cs", route=routes[level])
     if level == 0:
       mass0 = mass
     factors.append(_safe_pow(mean, level_weights[level]))
     if not last:
       axes = pyramid_axes(tuple(xs.shape[1:-1]), ws)
-      if foreground:
+      if p.foreground:
         mb = jnp.broadcast_to(ms, xs.shape)
         pm = _pool(mb, axes)
         xs = safe_ratio(_pool(mb * xs, axes), pm)
@@ -268,8 +281,8 @@ def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
   # Channels weighted by their level-0 mask mass (equal without a mask).
   mass = jnp.sum(mass0, axis=-1)
   value = safe_ratio(jnp.sum(mass0 * per_channel, axis=-1), mass)
-  chex.assert_shape([value, mass], (s.x.shape[0],))
-  return value, mass, s.batched
+  chex.assert_shape([value, mass], (p.x.shape[0],))
+  return value, mass, p.batched
 
 
 def ms_ssim(
@@ -290,7 +303,13 @@ def ms_ssim(
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
 ) -> jax.Array:
-  """Per-image MS-SSIM.
+  """Per-image MS-SSIM (Wang et al. 2003)::
+
+      MS-SSIM = prod_{j < M} relu(mean_w cs_j)^(w_j) * relu(mean_w SSIM_M)^(w_M)
+
+  over `M = levels` scales, the images (and mask) average-pooled by 2 from one
+  scale to the next, `cs_j` the contrast-structure map at scale j, `w_j` the
+  level weights; channels are averaged by their level-0 mask mass.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -324,7 +343,14 @@ def ms_ssim(
     gradient for an image with zero mask mass.
 
   Example:
-    >>> ms_ssim(x, y, data_range=1.0)     # x, y: [B, 192, 192, 3]
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> ms_ssim(x, x, levels=2, window_size=7)    # 48 px: too small for 5 levels
+    Array([1., 1.], dtype=float32)
+    >>> ms_ssim(x, y).shape
+    Traceback (most recent call last):
+    ...
+    ValueError: x images of 48x48 are too small for MS-SSIM with levels=5 and window_size=11: the minimum side is 161; ...
   """
   value, _, batched = _ms_ssim_parts(
       x, y, data_range=data_range, window_size=window_size, sigma=sigma,
@@ -382,7 +408,10 @@ def ms_ssim_loss(
     float32 scalar in [0, 1]; 0 with zero gradient when the mask mass is 0.
 
   Example:
-    >>> loss = ms_ssim_loss(pred, target)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> bool(0 < ms_ssim_loss(x, y, levels=2, window_size=7) < 0.1)
+    True
   """
   value, mass, _ = _ms_ssim_parts(
       x, y, data_range=data_range, window_size=window_size, sigma=sigma,

@@ -12,13 +12,13 @@ one per spatial axis; `spacing` (physical voxel size per axis, e.g. mm)
 makes `sigma` physical (sigma in voxels = sigma / spacing) and the default
 window per axis the odd size covering +-3.5 sigma (`2 int(3.5 sigma + 0.5)
 + 1` voxels, skimage's truncate=3.5: 11 for sigma 1.5). Without spacing the
-default window is 11 on every axis.
+default window is 11 on every axis. The formula::
 
     SSIM = l * cs,   l  = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1),
                      cs = (2 cov + C2) / (var_x + var_y + C2),
     C1 = (k1 L)^2, C2 = (k2 L)^2, L = data_range (per image).
 
-With variances >= 0 and |cov| clamped (see `stats`), |l| <= 1 and |cs| <= 1
+With variances >= 0 and `|cov|` clamped (see `stats`), `|l| <= 1` and `|cs| <= 1`
 hold in float32, so SSIM is in [-1, 1] and every loss `1 - SSIM` is in
 [0, 2] by construction: no final clamp (a clamp to [0, 1] would zero the
 gradient whenever SSIM < 0). `ssim(x, x) == 1` exactly: the two images go
@@ -42,6 +42,11 @@ images, chunks or devices is `psum(weighted_sum) / psum(mass)`
 
 NaN or Inf in (unmasked) images propagates to the result: the metric does not
 hide it (a trainer decides to skip the step).
+
+One call runs in one direction: `plan.make_plan` makes every check and
+decision (window, constants, mask mode, padding, blur lowering, fused or
+autodiff route), then the statistics (`stats`, `planes` or `fused`), the
+formula, and the reduction (`SSIMSums`, `loss_from_sums`).
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssim_jax import checks
-from ssim_jax import filters
 from ssim_jax import fused
+from ssim_jax import plan as plan_lib
+from ssim_jax import planes
 from ssim_jax import stats as stats_lib
 
 
@@ -72,111 +78,51 @@ class SSIMSums(NamedTuple):
   mass: jax.Array
 
 
-class _Setup(NamedTuple):
-  x: jax.Array          # float32 [B, *S, C], S = (H, W) or (D, H, W)
-  y: jax.Array          # float32 [B, *S, C]
-  batched: bool
-  kernel: tuple[np.ndarray, ...]  # [K_a] per spatial axis, after shrinking
-  c1: jax.Array         # float32 [B]
-  c2: jax.Array         # float32 [B]
-  mask: jax.Array | None  # float32 [B, *S, 1|C], full resolution
-  padding: str
-  mask_mode: str
-  filter_method: str
-  window: checks.Window  # requested window (MS-SSIM uses it unshrunk)
-
-
-def _setup(x, y, *, data_range, window_size, sigma, k1, k2, padding, mask,
-           mask_mode, filter_method, spatial_dims, spacing,
-           mask_name="mask") -> _Setup:
-  """Validates every argument (trace time) and prepares float32 inputs."""
-  images = checks.check_images(x, y, spatial_dims=spatial_dims)
-  b, *sides, _ = images.x.shape
-  window = checks.check_window(window_size, sigma, spatial_dims=spatial_dims,
-                               spacing=spacing)
-  k1, k2 = checks.check_constants(k1, k2)
-  padding = checks.check_choice(padding, "padding", checks.PADDINGS)
-  mask_mode = checks.check_choice(mask_mode, "mask_mode", checks.MASK_MODES)
-  filter_method = checks.check_filter_method(filter_method)
-  dr = checks.check_data_range(data_range, b, ks=(k1, k2))
-  mask = checks.check_mask(mask, images.x.shape, batched=images.batched,
-                           name=mask_name)
-  ks = checks.effective_windows(window, sides)
-  kernel = tuple(filters.gaussian_kernel(k, sg)
-                 for k, sg in zip(ks, window.sigmas))
-  c1 = jnp.square(k1 * dr)
-  c2 = jnp.square(k2 * dr)
-  return _Setup(images.x, images.y, images.batched, kernel, c1, c2, mask,
-                padding, mask_mode, filter_method, window)
-
-
-def _ssim_map(x: jax.Array, y: jax.Array, *, kernel: tuple[np.ndarray, ...],
-              c1: jax.Array, c2: jax.Array, padding: str,
-              filter_method: str) -> jax.Array:
-  """SSIM map of float32 `[B, *S, C]` images -> `[B, *S', C]`."""
-  return fused.to_nhwc(
-      fused.ssim_map_nchw(fused.to_nchw(x), fused.to_nchw(y), kernel=kernel,
-                          c1=c1, c2=c2, padding=padding,
-                          filter_method=filter_method))
-
-
-def _foreground_map(s: _Setup) -> tuple[jax.Array, jax.Array]:
-  """Foreground-only SSIM map and its weights, both `[B, *S', C]`."""
+def _foreground_map(p: plan_lib.Plan) -> tuple[jax.Array, jax.Array]:
+  """Statistics from masked pixels only, then the formula: the SSIM map and
+  its weights, both `[B, *S', C]`."""
   st, local_mass = stats_lib.masked_local_stats(
-      s.x, s.y, s.mask, kernel=s.kernel, padding=s.padding,
-      filter_method=s.filter_method)
-  luminance, cs = stats_lib.luminance_cs(st, s.c1, s.c2)
+      p.x, p.y, p.mask, kernel=p.kernel, padding=p.padding,
+      filter_method=p.lowering)
+  luminance, cs = stats_lib.luminance_cs(st, p.c1, p.c2)
   smap = luminance * cs
-  weights = jnp.broadcast_to(_align(s.mask, s.kernel, s.padding), smap.shape)
+  weights = jnp.broadcast_to(planes.align_mask(p.mask, p.kernel, p.padding),
+                             smap.shape)
   weights = jnp.where(local_mass > 0, weights, 0.0)
   return smap, weights
 
 
-def _align(mask: jax.Array, kernel, padding: str) -> jax.Array:
-  """Crops a full-resolution mask `[B, *S, 1|C]` to the region of the map
-  (`kernel`: the window(s) of the map, one per spatial axis)."""
-  if padding == "same":
-    return mask
-  kernels = filters.as_kernels(kernel, mask.ndim - 2)
-  index = (slice(None),) + tuple(
-      slice(k.shape[0] // 2, n - k.shape[0] // 2)
-      for k, n in zip(kernels, mask.shape[1:-1])) + (slice(None),)
-  return mask[index]
+def _map(p: plan_lib.Plan) -> jax.Array:
+  """Statistics, then the formula: the SSIM map `[B, *S', C]`."""
+  if p.foreground:
+    return _foreground_map(p)[0]
+  return planes.to_nhwc(planes.ssim_map_nchw(
+      planes.to_nchw(p.x), planes.to_nchw(p.y), kernel=p.kernel, c1=p.c1,
+      c2=p.c2, padding=p.padding, filter_method=p.lowering))
 
 
-def _map_size(s: _Setup) -> tuple[int, ...]:
-  b, *sides, c = s.x.shape
-  if s.padding == "same":
-    return tuple(s.x.shape)
-  return (b,) + tuple(n - k.shape[0] + 1
-                      for n, k in zip(sides, s.kernel)) + (c,)
-
-
-def _sums(s: _Setup) -> SSIMSums:
-  axes = tuple(range(1, s.x.ndim))
-  if s.mask is not None and s.mask_mode == "foreground":
-    smap, weights = _foreground_map(s)
+def _sums(p: plan_lib.Plan) -> SSIMSums:
+  """Statistics, formula and the per-image reduction: `SSIMSums` `[B]`."""
+  axes = tuple(range(1, p.x.ndim))
+  if p.foreground:
+    smap, weights = _foreground_map(p)
     return SSIMSums(jnp.sum(weights * smap, axis=axes),
                     jnp.sum(weights, axis=axes))
-  shape = _map_size(s)
-  if s.mask is None:
-    map_weights = jnp.ones((1,) * s.x.ndim, jnp.float32)
-    mass = jnp.full((shape[0],), float(np.prod(shape[1:])), jnp.float32)
+  if p.mask is None:
+    map_weights = jnp.ones((1,) * p.x.ndim, jnp.float32)
+    mass = jnp.full((p.map_shape[0],), float(np.prod(p.map_shape[1:])),
+                    jnp.float32)
   else:
-    map_weights = _align(s.mask, s.kernel, s.padding)
-    mass = jnp.sum(jnp.broadcast_to(map_weights, shape), axis=axes)
-  # The single route of every non-foreground SSIM value.
-  chunk, slab = fused.choose_route(
-      s.x.shape, kernel_size=tuple(k.shape[0] for k in s.kernel),
-      padding=s.padding, filter_method=s.filter_method)
-  common = dict(kernel=s.kernel, c1=s.c1, c2=s.c2, padding=s.padding,
-                filter_method=s.filter_method)
-  if chunk:
+    map_weights = planes.align_mask(p.mask, p.kernel, p.padding)
+    mass = jnp.sum(jnp.broadcast_to(map_weights, p.map_shape), axis=axes)
+  common = dict(kernel=p.kernel, c1=p.c1, c2=p.c2, padding=p.padding,
+                filter_method=p.lowering)
+  if p.route.fused:  # decided by the plan
     total = fused.weighted_ssim_sum(
-        s.x, s.y, map_weights, planes_per_chunk=chunk, slab_depth=slab,
-        **common)
+        p.x, p.y, map_weights, planes_per_chunk=p.route.planes_per_chunk,
+        slab_depth=p.route.slab_depth, **common)
   else:
-    total = fused.plain_weighted_ssim_sum(s.x, s.y, map_weights, **common)
+    total = planes.plain_weighted_ssim_sum(p.x, p.y, map_weights, **common)
   return SSIMSums(total, mass)
 
 
@@ -231,7 +177,7 @@ def ssim_map(
       "foreground" mode the map is computed from masked pixels only.
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering. "auto" lets `filters.choose_method` pick
-      it, and `fused.choose_chunk` whether the gradient of the SSIM value
+      it, and `route.choose_chunk` whether the gradient of the SSIM value
       is the fused analytic one (`ssim_jax.fused`); a named lowering
       ("conv", "matmul", "slices") runs under plain autodiff.
     spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
@@ -246,21 +192,18 @@ def ssim_map(
     finite value 1 (they carry no weight in `ssim`).
 
   Example:
-    >>> m = ssim_map(x, y, data_range=1.0)   # x, y: [B, 64, 64, 3] in [0, 1]
-    >>> m.shape
-    (B, 54, 54, 3)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> ssim_map(x, y).shape, ssim_map(x, y, padding="same").shape   # K = 11
+    ((2, 38, 38, 3), (2, 48, 48, 3))
   """
-  s = _setup(x, y, data_range=data_range, window_size=window_size,
-             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing)
-  if s.mask is not None and s.mask_mode == "foreground":
-    smap, _ = _foreground_map(s)
-  else:
-    smap = _ssim_map(s.x, s.y, kernel=s.kernel, c1=s.c1, c2=s.c2,
-                     padding=s.padding, filter_method=s.filter_method)
-  chex.assert_shape(smap, _map_size(s))
-  return _unbatch(smap, s.batched)
+  p = plan_lib.make_plan(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
+      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing)
+  smap = _map(p)
+  chex.assert_shape(smap, p.map_shape)
+  return _unbatch(smap, p.batched)
 
 
 def ssim_sums(
@@ -313,17 +256,23 @@ def ssim_sums(
     `[H, W, C]` inputs).
 
   Example:
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> m = jnp.zeros((2, 48, 48, 1)).at[:, :24].set(1.0)        # top half
     >>> s = ssim_sums(x, y, mask=m)
-    >>> loss = loss_from_sums(s)          # == ssim_loss(x, y, mask=m)
+    >>> s.mass                    # rows 5..23 of the 38 x 38 map, x 38 columns x 3 channels
+    Array([2166., 2166.], dtype=float32)
+    >>> bool(loss_from_sums(s) == ssim_loss(x, y, mask=m))
+    True
   """
-  s = _setup(x, y, data_range=data_range, window_size=window_size,
-             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-             mask_mode=mask_mode, filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing)
-  out = _sums(s)
-  chex.assert_shape([out.weighted_sum, out.mass], (s.x.shape[0],))
-  return SSIMSums(_unbatch(out.weighted_sum, s.batched),
-                  _unbatch(out.mass, s.batched))
+  p = plan_lib.make_plan(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
+      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing)
+  out = _sums(p)
+  chex.assert_shape([out.weighted_sum, out.mass], (p.x.shape[0],))
+  return SSIMSums(_unbatch(out.weighted_sum, p.batched),
+                  _unbatch(out.mass, p.batched))
 
 
 def ssim(
@@ -343,6 +292,10 @@ def ssim(
     spacing: Sequence[float] | None = None,
 ) -> jax.Array:
   """Per-image SSIM (Wang et al. 2004), the mask-weighted mean of the map.
+
+  `SSIM_b = sum(w * ssim_map) / sum(w)` over the map's positions and channels
+  of image b, with `w` the mask aligned to the map (1 without a mask) and the
+  map `l * cs` (module docstring).
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -370,8 +323,14 @@ def ssim(
     mask mass is 0 gets 0 with zero gradient (it has no pixels to compare).
 
   Example:
-    >>> ssim(x, x)                        # [1., 1., ...]
-    >>> ssim(x, y, data_range=255.0)      # uint8-range float images
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> ssim(x, x)
+    Array([1., 1.], dtype=float32)
+    >>> bool(jnp.all(ssim(x, y) < 1))
+    True
+    >>> ssim(255 * x, 255 * y, data_range=255.0).shape    # uint8-range float images
+    (2,)
   """
   sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
                    sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
@@ -390,6 +349,11 @@ def loss_from_sums(sums: SSIMSums, *, axis_name: Any = None) -> jax.Array:
 
   Returns:
     float32 scalar in [0, 2]; 0 with zero gradient when the total mass is 0.
+
+  Example:
+    >>> sums = SSIMSums(jnp.array([90.0, 40.0]), jnp.array([100.0, 50.0]))
+    >>> loss_from_sums(sums)                      # 1 - 130 / 150
+    Array(0.13333333, dtype=float32)
   """
   total = jnp.sum(jnp.asarray(sums.weighted_sum, jnp.float32))
   mass = jnp.sum(jnp.asarray(sums.mass, jnp.float32))
@@ -445,7 +409,12 @@ def ssim_loss(
     float32 scalar in [0, 2].
 
   Example:
-    >>> grads = jax.grad(lambda p: ssim_loss(render(p), target))(params)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> bool(0 < ssim_loss(x, y) < 0.1)
+    True
+    >>> jax.grad(ssim_loss)(x, y).shape           # d loss / d x
+    (2, 48, 48, 3)
   """
   sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
                    sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
@@ -473,7 +442,7 @@ def l1_ssim_loss(
   """Gaussian-splatting loss `(1 - lambda) L1 + lambda (1 - SSIM)`.
 
   With `weight_map` (a per-pixel region-of-interest weight) both terms are
-  weighted means: L1 = sum(w |x - y|) / sum(w) over pixels and channels, and
+  weighted means: `L1 = sum(w |x - y|) / sum(w)` over pixels and channels, and
   SSIM the w-weighted mean of the map (mask_mode "weighted"). Zero total
   weight gives 0 with zero gradient.
 
@@ -504,19 +473,25 @@ def l1_ssim_loss(
     float32 scalar >= 0 (<= 2 * data_range-scaled L1 bound + 2 lambda).
 
   Example:
-    >>> loss = l1_ssim_loss(render, gt, ssim_weight=0.2)
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> l1 = jnp.mean(jnp.abs(x - y))
+    >>> bool(jnp.isclose(l1_ssim_loss(x, y, ssim_weight=0.0), l1))
+    True
+    >>> jax.grad(l1_ssim_loss)(x, y, ssim_weight=0.2).shape
+    (2, 48, 48, 3)
   """
   lam = checks.check_unit_interval(ssim_weight, "ssim_weight")
-  s = _setup(x, y, data_range=data_range, window_size=window_size,
-             sigma=sigma, k1=k1, k2=k2, padding=padding, mask=weight_map,
-             mask_mode="weighted", filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing,
-             mask_name="weight_map")
-  absdiff = jnp.abs(s.x - s.y)  # L1 over every pixel (or voxel) and channel
-  if s.mask is None:
+  p = plan_lib.make_plan(
+      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
+      k1=k1, k2=k2, padding=padding, mask=weight_map, mask_mode="weighted",
+      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing,
+      mask_name="weight_map")
+  absdiff = jnp.abs(p.x - p.y)  # L1 over every pixel (or voxel) and channel
+  if p.mask is None:
     l1 = jnp.mean(absdiff)
   else:
-    w = jnp.broadcast_to(s.mask, s.x.shape)
+    w = jnp.broadcast_to(p.mask, p.x.shape)
     l1 = safe_ratio(jnp.sum(w * absdiff), jnp.sum(w))
-  ssim_term = loss_from_sums(_sums(s))
+  ssim_term = loss_from_sums(_sums(p))
   return (1.0 - lam) * l1 + lam * ssim_term

@@ -216,9 +216,29 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   if n_img > _get(config, "data.num_val"):
     _fail("eval_num_images", f"{n_img} > data.num_val={config.data.num_val}")
   _int(config, "ckpt_every", minimum=1)
-  from train import faults  # pylint: disable=g-import-not-at-top
-  faults.validate(config)  # config.faults (absent or empty = off)
+  _check_faults(config)  # config.faults (absent or empty = off)
   _int(config, "ckpt_max_to_keep", minimum=1)
+
+
+def _check_faults(config) -> None:
+  """Checks `config.faults` (absent = off; `train/faults.py` injects them)."""
+  faults = config.get("faults", None) if hasattr(config, "get") else None
+  if faults is None:
+    return
+  for name in ("nan_batch_steps", "nan_model_steps"):
+    v = faults.get(name, ())
+    if isinstance(v, int) and not isinstance(v, bool):
+      v = (v,)
+    if (v is not None and (not isinstance(v, (tuple, list))
+                           or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                      for s in v))):
+      raise ConfigError(
+          f"config.faults.{name}: must be a tuple of global step numbers >= 1 "
+          f"(vae steps first, then flow), got {v!r}")
+  k = faults.get("kill_at_step", 0)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ConfigError(
+        f"config.faults.kill_at_step: must be an int >= 0 (0 = off), got {k!r}")
 
 
 def _check_pretrained_dit(config) -> None:

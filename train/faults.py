@@ -1,6 +1,7 @@
 """Fault injection for the trainer's reliability tests and soak runs (off by default).
 
-Config (`config.faults`, see configs/base.py); step numbers are GLOBAL and
+Config (`config.faults`, see configs/base.py; validated by `train/config.py`, which this
+module does not import); step numbers are GLOBAL and
 1-based: the vae stage runs steps `1..vae.steps`, the flow stage continues
 with `vae.steps + 1 .. vae.steps + flow.steps` (so one list covers both).
 
@@ -47,28 +48,6 @@ def _steps(faults, name: str) -> tuple[int, ...]:
   if isinstance(v, int) and not isinstance(v, bool):
     v = (v,)
   return tuple(v)
-
-
-def validate(config) -> None:
-  """Checks `config.faults` (absent = off); raises ConfigError naming the field."""
-  from train import config as config_lib  # pylint: disable=g-import-not-at-top
-  faults = _faults(config)
-  if faults is None:
-    return
-  for name in ("nan_batch_steps", "nan_model_steps"):
-    v = faults.get(name, ())
-    if isinstance(v, int) and not isinstance(v, bool):
-      v = (v,)
-    if (v is not None and (not isinstance(v, (tuple, list))
-                           or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                                      for s in v))):
-      raise config_lib.ConfigError(
-          f"config.faults.{name}: must be a tuple of global step numbers >= 1 "
-          f"(vae steps first, then flow), got {v!r}")
-  k = faults.get("kill_at_step", 0)
-  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-    raise config_lib.ConfigError(
-        f"config.faults.kill_at_step: must be an int >= 0 (0 = off), got {k!r}")
 
 
 def enabled(config) -> bool:

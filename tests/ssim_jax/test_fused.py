@@ -1,7 +1,7 @@
 """Tests of ssim_jax.fused: the chunked analytic derivative of the SSIM sum.
 
 Every derivative of the fused route is compared with plain autodiff of the
-same sum (`fused.plain_weighted_ssim_sum`), which test_ssim pins to the
+same sum (`planes.plain_weighted_ssim_sum`), which test_ssim pins to the
 textbook formula; where the inputs make float32 rounding decisive (the flat
 patch), both float32 routes are compared with that sum run in float64.
 """
@@ -17,6 +17,7 @@ import pytest
 import ssim_jax
 from ssim_jax import filters
 from ssim_jax import fused
+from ssim_jax import planes
 
 _KERNEL = filters.gaussian_kernel(7, 1.5)
 
@@ -57,7 +58,7 @@ def _both(padding, method, chunk):
                                    planes_per_chunk=chunk, **opts)
 
   def g(x, y, w, c1, c2):
-    return fused.plain_weighted_ssim_sum(x, y, w, c1=c1, c2=c2, **opts)
+    return planes.plain_weighted_ssim_sum(x, y, w, c1=c1, c2=c2, **opts)
 
   return f, g
 
@@ -147,7 +148,7 @@ def test_plane_sums_match_float64(term, padding, masked):
     return jnp.sum(fn(a, b, w.astype(dt), c1=c1.astype(dt), c2=c2.astype(dt),
                       **opts, **kw) * jnp.asarray(cotangent, dt))
 
-  plain = functools.partial(loss, fused.plain_weighted_plane_sums,
+  plain = functools.partial(loss, planes.plain_weighted_plane_sums,
                             filter_method="matmul")
   v_ref, gx_ref, gy_ref = _float64_value_and_grads(plain, x, y)
   got = functools.partial(loss, fused.weighted_plane_sums,
@@ -233,51 +234,6 @@ def test_nan_propagates_to_value_and_gradient():
   assert np.isnan(np.asarray(gx)).any()
 
 
-def test_choose_chunk():
-  big = (4, 256, 256, 3)
-  per = fused.choose_chunk(big, kernel_size=11, padding="valid",
-                           backend="cpu")
-  assert 1 <= per <= big[0] * big[3]
-  assert per * 256 * 256 <= fused._CHUNK_ELEMENTS
-  # Planes larger than a chunk: one plane per chunk.
-  assert fused.choose_chunk((1, 1080, 1920, 3), kernel_size=11,
-                            padding="same", backend="cpu") == 1
-  # Small maps, and backends without a measurement: plain autodiff.
-  assert fused.choose_chunk((64, 64, 64, 3), kernel_size=11,
-                            padding="valid", backend="cpu") == 0
-  # The rule is on the map's sides (> 96 pixels), so on the padding too.
-  assert fused.choose_chunk((1, 106, 400, 1), kernel_size=11,
-                            padding="valid", backend="cpu") == 0
-  assert fused.choose_chunk((1, 106, 400, 1), kernel_size=11,
-                            padding="same", backend="cpu") > 0
-  assert fused.choose_chunk((32, 128, 128, 3), kernel_size=11,
-                            padding="valid", backend="cpu") > 0
-  assert fused.choose_chunk(big, kernel_size=11, padding="valid",
-                            backend="gpu") == 0
-
-
-def test_choose_route():
-  # Runs on the test machine's backend (CPU in CI), as the SSIM functions do.
-  big = (4, 256, 256, 3)
-  chunk, slab = fused.choose_route(big, kernel_size=11, padding="valid",
-                                   filter_method="auto")
-  assert chunk == fused.choose_chunk(big, kernel_size=11, padding="valid")
-  assert slab == 0  # images are never cut into slabs
-  # A named lowering asks for plain autodiff, whatever the size.
-  for method in ("matmul", "conv", "slices"):
-    assert fused.choose_route(big, kernel_size=11, padding="valid",
-                              filter_method=method) == (0, 0)
-  assert fused.choose_route((64, 64, 64, 3), kernel_size=11, padding="valid",
-                            filter_method="auto") == (0, 0)
-  # A CT-sized volume: the fused route, in depth slabs.
-  ct = (1, 300, 512, 512, 1)
-  chunk, slab = fused.choose_route(ct, kernel_size=(5, 17, 17), padding="valid",
-                                   filter_method="auto")
-  if jax.default_backend() == "cpu":
-    assert chunk >= 1
-    assert slab == fused.choose_slab(ct, kernel_size=(5, 17, 17)) > 0
-
-
 def _has_custom_jvp(fn, *args):
   # The fused rule is the only custom_jvp taking symbolic zeros (the moment
   # clamp's is another custom_jvp).
@@ -327,8 +283,8 @@ def _ms_ssim_loss_reference(a, b, mask):
   for level, weight in enumerate(ms_lib.DEFAULT_WEIGHTS):
     last = level == len(ms_lib.DEFAULT_WEIGHTS) - 1
     w = (jnp.ones((1,) * 4, a.dtype) if mask is None
-         else ms_lib._align(mask, kernel, "valid"))
-    total = fused.plain_weighted_plane_sums(
+         else planes.align_mask(mask, kernel, "valid"))
+    total = planes.plain_weighted_plane_sums(
         a, b, w, kernel=kernel, c1=c1, c2=c2, padding="valid",
         filter_method="matmul", term="ssim" if last else "cs")
     map_shape = (a.shape[0], a.shape[1] - 10, a.shape[2] - 10, a.shape[3])

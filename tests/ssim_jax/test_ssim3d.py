@@ -20,6 +20,7 @@ from phantom import phantom
 import ssim_jax
 from ssim_jax import checks
 from ssim_jax import fused
+from ssim_jax import planes
 ms_lib = importlib.import_module("ssim_jax.ms_ssim")
 
 SHAPE = (12, 16, 16)
@@ -261,7 +262,7 @@ def test_slabbed_derivative_matches_autodiff_float64(padding, masked):
           a, b, w, planes_per_chunk=1, slab_depth=3, **opts))
 
     def plain(a, b):
-      return jnp.sum(fused.plain_weighted_ssim_sum(a, b, w, **opts))
+      return jnp.sum(planes.plain_weighted_ssim_sum(a, b, w, **opts))
 
     got = jax.jit(jax.value_and_grad(slabbed, argnums=(0, 1)))(x64, y64)
     ref = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(x64, y64)
@@ -288,7 +289,7 @@ def test_slabs_bound_the_gradient_memory():
   def temp(slab):
     def loss(a, b):
       if slab is None:
-        return jnp.sum(fused.plain_weighted_ssim_sum(
+        return jnp.sum(planes.plain_weighted_ssim_sum(
             a, b, jnp.ones((1,) * 5), **opts))
       return jnp.sum(fused.weighted_ssim_sum(
           a, b, jnp.ones((1,) * 5), planes_per_chunk=1, slab_depth=slab,
@@ -302,18 +303,6 @@ def test_slabs_bound_the_gradient_memory():
   # Measured with the four-blur statistics (Zen 4): 3.5, 7.6 and 4.75
   # volumes (at D = 96 the halo made the slabs 5.0 vs 4.75 for autodiff).
   assert slabbed < 0.7 * whole and slabbed < 0.85 * plain, ratios
-
-
-def test_choose_slab_and_chunk_for_volumes():
-  ct = (1, 300, 512, 512, 1)
-  per = fused.choose_slab(ct, kernel_size=(11, 11, 11))
-  assert 20 <= per < 300
-  assert (per + 10) * 512 * 512 <= 2 * fused._SLAB_ELEMENTS
-  # A CT volume takes the fused (slabbed) route whatever its H and W.
-  assert fused.choose_chunk(ct, kernel_size=11, padding="valid",
-                            backend="cpu") == 1
-  assert fused.choose_slab((1, 64, 128, 128, 1), kernel_size=11) == 0
-  assert fused.choose_slab((4, 512, 512, 3), kernel_size=11) == 0
 
 
 # --- MS-SSIM ---

@@ -298,3 +298,24 @@ def test_injector_poisons_the_right_steps_on_all_devices_and_traces_once():
   np.testing.assert_array_equal(seen[1], [False] + [True] * 6 + [False])  # NaN first, Inf last
   np.testing.assert_array_equal(seen[2], [False] + [True] * 7)  # NaN inside the "model"
   np.testing.assert_array_equal(seen[3], np.ones(8, bool))
+
+
+def _train_imports(path: str) -> set[str]:
+  """The `train.*` modules a source file imports (at any depth of the file)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  with open(path, encoding="utf-8") as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "train":
+      out.update(f"{node.module}.{a.name}" if node.module == "train" else node.module
+                 for a in node.names)
+    elif isinstance(node, ast.Import):
+      out.update(a.name for a in node.names if a.name.split(".")[0] == "train")
+  return out
+
+
+def test_faults_and_config_do_not_import_each_other():
+  # config validates config.faults; faults injects them; neither needs the other.
+  assert "train.config" not in _train_imports(os.path.join(ROOT, "train", "faults.py"))
+  assert "train.faults" not in _train_imports(os.path.join(ROOT, "train", "config.py"))

@@ -1,9 +1,7 @@
-"""Tests of ssim_jax.flow: conventions, patches, packing, decoded losses."""
+"""`ssim_jax/flow/decoded.py`: the decoded, timestep-weighted SSIM and pixel losses."""
 
 import functools
 
-import hypothesis
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,128 +58,6 @@ def make_local_decoder(seed=0, c_lat=C_LAT):
 
 def _images(n, h, w, seed=1):
   return jnp.tanh(jax.random.normal(_key(seed), (n, h, w, 3)))
-
-
-# ----------------------------------------------------------------------------
-# Conventions.
-
-
-def test_timestep_weight_values_and_errors():
-  t = jnp.array([0.0, 0.15, 0.3, 0.9, -0.1])
-  np.testing.assert_allclose(flow.timestep_weight(t, max_t=0.3),
-                             [1.0, 0.5, 0.0, 0.0, 1.0], atol=1e-6)
-  for bad in (0.0, -0.3, float("nan")):
-    with pytest.raises(ValueError, match="max_t"):
-      flow.timestep_weight(t, max_t=bad)
-  with pytest.raises(TypeError, match="max_t"):
-    flow.timestep_weight(t, max_t="0.3")
-
-
-def test_interpolate_velocity_and_exact_reconstruction():
-  z0 = jax.random.normal(_key(0), (3, 4, 4, 2))
-  noise = jax.random.normal(_key(1), (3, 4, 4, 2))
-  t = jnp.array([0.0, 0.37, 1.0])
-  x_t = flow.interpolate(z0, noise, t)
-  np.testing.assert_allclose(x_t[1], 0.63 * z0[1] + 0.37 * noise[1], rtol=1e-6)
-  np.testing.assert_array_equal(x_t[0], z0[0])
-  np.testing.assert_array_equal(x_t[2], noise[2])
-  v = flow.velocity_target(z0, noise)
-  # The (z0, noise) form is bitwise exact when v_pred == v.
-  exact = flow.reconstruct_z0(x_t, v, t, z0=z0, noise=noise)
-  np.testing.assert_array_equal(exact, z0)
-  # The x_t form agrees up to rounding.
-  np.testing.assert_allclose(flow.reconstruct_z0(x_t, v, t), z0, atol=1e-5)
-  # Same gradient w.r.t. v_pred in both forms (d z0_pred / d v_pred = -t).
-  g1 = jax.grad(lambda vp: flow.reconstruct_z0(x_t, vp, t).sum())(v)
-  g2 = jax.grad(lambda vp: flow.reconstruct_z0(x_t, vp, t, z0=z0, noise=noise
-                                               ).sum())(v)
-  np.testing.assert_allclose(g1, g2, atol=1e-7)
-  np.testing.assert_allclose(g1[1], -0.37 * np.ones((4, 4, 2)), rtol=1e-6)
-
-
-def test_reconstruct_keeps_clean_latent_where_unsupervised():
-  z0 = jax.random.normal(_key(0), (3, 4, 4, 2))
-  x_t = jax.random.normal(_key(1), (3, 4, 4, 2))
-  v_pred = jax.random.normal(_key(2), (3, 4, 4, 2))
-  t = jnp.array([0.0, 0.5, 0.5])
-  sup = jnp.array([True, True, False])
-  out = flow.reconstruct_z0(x_t, v_pred, t, z0=z0, supervised=sup)
-  np.testing.assert_array_equal(out[0], z0[0])   # t == 0
-  np.testing.assert_array_equal(out[2], z0[2])   # not supervised
-  np.testing.assert_allclose(out[1], x_t[1] - 0.5 * v_pred[1], rtol=1e-6)
-  # Per-token t over a packed sequence [T, D] works the same way.
-  tok_t = jnp.array([0.0, 0.2, 0.2])
-  tok = flow.reconstruct_z0(x_t[:, 0, 0], v_pred[:, 0, 0], tok_t, z0=z0[:, 0, 0])
-  np.testing.assert_array_equal(tok[0], z0[0, 0, 0])
-
-
-# ----------------------------------------------------------------------------
-# Patches and packing.
-
-
-@hypothesis.given(h=st.integers(1, 3), w=st.integers(1, 3), p=st.integers(1, 3),
-                  c=st.integers(1, 4), lead=st.integers(0, 2))
-def test_patchify_roundtrip(h, w, p, c, lead):
-  shape = (2,) * lead + (h * p, w * p, c)
-  z = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
-  tok = flow.patchify(z, patch_size=p)
-  assert tok.shape == (2,) * lead + (h * w, p * p * c)
-  np.testing.assert_array_equal(
-      flow.unpatchify(tok, grid_hw=(h, w), patch_size=p), z)
-  np.testing.assert_array_equal(
-      flow.patchify(flow.unpatchify(tok, grid_hw=(h, w), patch_size=p),
-                    patch_size=p), tok)
-
-
-def test_unpatchify_matches_seed_einsum():
-  # The seed: tok.view(h, w, p, p, c); einsum("hwpqc->chpwq").reshape(c, h*p, w*p)
-  h, w, p, c = 2, 3, 2, 4
-  tok = np.random.default_rng(0).normal(size=(h * w, p * p * c)).astype(np.float32)
-  seed = np.einsum("hwpqc->chpwq", tok.reshape(h, w, p, p, c)).reshape(c, h * p, w * p)
-  ours = flow.unpatchify(jnp.asarray(tok), grid_hw=(h, w), patch_size=p)
-  np.testing.assert_array_equal(ours, np.moveaxis(seed, 0, -1))
-
-
-def test_patch_errors():
-  with pytest.raises(ValueError, match="patch_size"):
-    flow.patchify(jnp.zeros((5, 4, 2)), patch_size=2)
-  with pytest.raises(ValueError, match="grid_hw"):
-    flow.unpatchify(jnp.zeros((6, 8)), grid_hw=(2, 2), patch_size=2)
-  with pytest.raises(ValueError, match="latent_hw_list"):
-    flow.PackedLayout.from_sizes([(4, 4), (3, 4)], 2)
-  with pytest.raises(TypeError, match="patch_size"):
-    flow.PackedLayout.from_sizes([(4, 4)], 2.0)
-
-
-def test_packed_layout_roundtrip_every_image():
-  layout = flow.PackedLayout.from_sizes([(4, 6), (8, 8), (2, 2), (4, 6)], 2)
-  assert hash(layout) == hash(flow.PackedLayout.from_sizes(
-      [[4, 6], [8, 8], [2, 2], [4, 6]], 2))
-  lat = [jax.random.normal(_key(i), hw + (C_LAT,))
-         for i, hw in enumerate(layout.latent_hw)]
-  tokens = flow.pack(lat, layout)
-  assert tokens.shape == (layout.num_tokens, 4 * C_LAT)
-  assert layout.num_tokens == 6 + 16 + 1 + 6
-  padded, mask = jax.jit(flow.unpack, static_argnums=1)(tokens, layout)
-  assert padded.shape == (4, 8, 8, C_LAT) and mask.shape == (4, 8, 8, 1)
-  for i, (h, w) in enumerate(layout.latent_hw):
-    np.testing.assert_array_equal(padded[i, :h, :w], lat[i])
-    np.testing.assert_array_equal(mask[i, :h, :w], 1.0)
-    outside = np.asarray(mask[i, ..., 0]) == 0
-    np.testing.assert_array_equal(np.asarray(padded[i])[outside], 0.0)
-    assert float(mask[i].sum()) == h * w
-  np.testing.assert_array_equal(flow.pack_padded(padded, layout), tokens)
-  # Per-image values from the first token, and back to tokens.
-  t_img = jnp.array([0.1, 0.2, 0.3, 0.4])
-  t_tok = flow.token_values(t_img, layout)
-  assert t_tok.shape == (layout.num_tokens,)
-  np.testing.assert_array_equal(flow.image_values(t_tok, layout), t_img)
-  np.testing.assert_array_equal(layout.mask(downsample=F)[1], 1.0)
-  assert layout.mask(downsample=F)[2].sum() == 2 * 2 * F * F
-
-
-# ----------------------------------------------------------------------------
-# Decoded losses.
 
 
 def _reference_loss(latents, images, weights, decode, *, padding="valid",
