@@ -62,7 +62,7 @@ def main(argv):
   ma = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  gib = lambda n: round(int(n or 0) / 2**30, 3)
+  gib = lambda n: round(int(n or 0) / 2**30, 5)
   out = dict(
       label=_LABEL.value, topology=_TOPOLOGY.value, chips=len(devices),
       kind=devices[0].device_kind, depth=cfg.dit.depth, hidden=cfg.dit.hidden_size,
