@@ -164,7 +164,7 @@ def compile_step(lowered, *, name: str = ""):
       raise
     head = f"memory plan ({name})" if name else "memory plan"
     raise MemoryPlanError(f"{head}: the compiler ran out of device memory: "
-                          f"{msg.strip().splitlines()[0][:400]}. {_FIX}") from None
+                          f"{msg.strip().splitlines()[0][:400].rstrip('.')}. {_FIX}") from None
 
 
 def device_limit(device: jax.Device | None = None) -> int | None:

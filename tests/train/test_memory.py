@@ -155,6 +155,22 @@ def test_small_config_compiles_for_a_tpu_topology_without_holding_the_whole_mode
   print(plan.line(name="stage flow, v5e:2x2"))
 
 
+def test_out_of_hbm_compile_is_a_fit_error_naming_the_fields():
+  """The TPU compiler refuses a program above the chip's HBM (20 GiB of temporaries on a
+  16 GiB v5e chip); `compile_step` turns that into the fit error, not a crash."""
+  devices = memory.topology_devices("v5e:2x2")
+  mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  big = jax.jit(lambda x: jnp.broadcast_to(x, (5 * 2**30,)) * 2.0, out_shardings=rep)
+  with pytest.raises(memory.MemoryPlanError) as e:
+    memory.compile_step(big.lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)),
+                        name="stage flow")
+  msg = str(e.value)
+  assert "RESOURCE_EXHAUSTED" in msg and "stage flow" in msg
+  for field in memory.FIELDS:
+    assert f"config.{field}" in msg, msg
+
+
 def test_unknown_topology_names_it():
   with pytest.raises(ValueError, match="v9z:1x1"):
     memory.topology_devices("v9z:1x1")
