@@ -21,11 +21,27 @@ gradient is reduce-scattered as it is produced (train/step.py). Per chip:
 (params + gradients + Adam moments) / fsdp + about two bf16 blocks (0.9 GiB)
 + the activations of its own images, nothing that grows with the whole model.
 
-Memory plans, compiled by the TPU compiler (libtpu 0.0.42.1 compile-only
-client on the 2-core CPU machine; `scripts/memory_plan.py --topology=...
---stages=flow`, a randomly initialised VAE of the FLUX layout, same shapes):
-see README "Pod scale" for the figures of this commit (peak per chip, the
-largest per-chip batch that fits each topology, compile times).
+Memory plans, compiled by the TPU compiler (libtpu 0.0.42.1's compile-only
+client on the 2-core CPU machine, no TPU; a randomly initialised VAE of the
+FLUX layout, same shapes; `python scripts/memory_plan.py
+--config=configs/pod_7b.py --topology=... --stages=flow ...`):
+
+  v5e:16x16 (256 chips of 16 GiB), --config.batch_size=256
+  --config.mesh.fsdp=256 (1 image per chip):
+    per device 98.41 MiB params + 196.82 MiB optimizer state, step arguments
+    632.92 MiB, outputs 309.95 MiB, temporaries 2.12 GiB; peak ~2.24 GiB of
+    16.00 GiB; 6.53 B parameters. Compile: 2203 s wall with the machine at
+    load 4-10 (430 s of CPU time).
+  v5p:2x2x2 (one 8-chip host, 95 GiB each), --config.batch_size=16
+  --config.mesh.fsdp=8 (2 images per chip):
+    per device 3.04 GiB params + 6.08 GiB optimizer state, step arguments
+    9.44 GiB, outputs 9.12 GiB, temporaries 6.17 GiB; peak ~13.90 GiB of
+    95.00 GiB. Compile: 700 s wall at load 2-5 (338 s of CPU time).
+
+The whole-model gather that this replaced needed 27.8 GiB of temporaries per
+chip for this model at fsdp 64 and did not compile for v5e:16x16 at all
+(25.66 G of temporaries above 15.75 G of HBM). Largest per-chip batch: see
+README "Pod scale" (the larger batches were compiled last).
 """
 
 from configs import pod
