@@ -70,8 +70,8 @@ def main(argv):
       for stage, plan in plans.items():
         print(plan.line(name=f"stage {stage}", limit=limit), flush=True)
         print(f"stage {stage}: {memory.format_count(plan.num_params)} parameters, "
-              f"peak {plan.peak / 2**30:.2f} GiB per chip"
-              + (f" of {limit / 2**30:.2f} GiB HBM" if limit else "")
+              f"peak {memory.format_bytes(plan.peak)} per chip"
+              + (f" of {memory.format_bytes(limit)} HBM" if limit else "")
               + f", compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         memory.check_fit(plan, limit=limit, name=f"stage {stage}")
   except memory.MemoryPlanError as e:

@@ -57,11 +57,11 @@ class MemoryPlan(NamedTuple):
   def line(self, *, name: str = "", limit: int | None = None) -> str:
     """One log line, e.g. `memory plan (flow): per device 1.2 MiB params + ...`."""
     head = f"memory plan ({name})" if name else "memory plan"
-    fit = (f" of {_fmt(limit)} on the device" if limit else
+    fit = (f" of {format_bytes(limit)} on the device" if limit else
            " (the device reports no memory limit: not checked)")
-    return (f"{head}: per device {_fmt(self.params)} params + {_fmt(self.opt_state)} "
-            f"optimizer state, step arguments {_fmt(self.arguments)}, outputs "
-            f"{_fmt(self.outputs)}, temporaries {_fmt(self.temp)}; peak ~{_fmt(self.peak)}"
+    return (f"{head}: per device {format_bytes(self.params)} params + {format_bytes(self.opt_state)} "
+            f"optimizer state, step arguments {format_bytes(self.arguments)}, outputs "
+            f"{format_bytes(self.outputs)}, temporaries {format_bytes(self.temp)}; peak ~{format_bytes(self.peak)}"
             + fit)
 
 
@@ -69,7 +69,8 @@ class MemoryPlanError(config_lib.ConfigError):
   """The compiled step will not fit in device memory; names the fields to change."""
 
 
-def _fmt(n: int) -> str:
+def format_bytes(n: int) -> str:
+  """`1.23 GiB`, `4.56 MiB`, `7.89 KiB`, `12 B`."""
   for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
     if n >= scale:
       return f"{n / scale:.2f} {unit}"
@@ -190,8 +191,8 @@ def check_fit(p: MemoryPlan, *, limit: int | None, name: str = "") -> None:
   if limit is None or p.peak <= limit:
     return
   raise MemoryPlanError(
-      f"{p.line(name=name, limit=limit)}: the step needs ~{_fmt(p.peak)} per device but "
-      f"the device has {_fmt(limit)}. {_FIX}")
+      f"{p.line(name=name, limit=limit)}: the step needs ~{format_bytes(p.peak)} per device but "
+      f"the device has {format_bytes(limit)}. {_FIX}")
 
 
 _FIX = ("Lower config.batch_size (activations), config.chunk_size (images decoded at once "
