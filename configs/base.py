@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.dit.depth = 4
   c.dit.num_heads = 4
   c.dit.mlp_ratio = 4
+  # Per-block rematerialisation: 'none' | 'full' | 'dots_saveable' (train/models/dit.py).
+  # 'full' keeps only each block's input for the backward pass (and, with fsdp,
+  # gathers the block's parameters again there): memory for compute.
+  c.dit.remat = "none"
   # A base model folder (`dit.save_pretrained`; a run writes one to
   # WORKDIR/export/dit) to fine-tune from; "" trains the DiT from scratch.
   c.dit.pretrained = ""

@@ -22,27 +22,26 @@ mesh.fsdp = 8 splits parameters and optimizer state over the 8 devices
 device).
 
 Memory plan. Before step 1 the trainer compiles the step and prints one line
-per stage. For the flow stage of exactly this config, compiled on 8 fake CPU
-devices (`python scripts/memory_plan.py --config=configs/pod.py --devices=8
---stages=flow`, 109 s; without a VAE file, a randomly initialised VAE of the
-FLUX layout, same shapes):
+per stage. Compiled by the TPU compiler for one v5p-8 host (libtpu's
+compile-only client on the 2-core CPU machine, no TPU: `python
+scripts/memory_plan.py --config=configs/pod.py --topology=v5p:2x2x2
+--stages=flow --config.dit.depth=2`; a randomly initialised VAE of the FLUX
+layout, same shapes), at depth 2:
 
-  fsdp=8: per device 218.25 MiB params + 436.49 MiB optimizer state, step
-          arguments 999.99 MiB, outputs 654.75 MiB, temporaries 57.59 GiB;
-          peak ~59.21 GiB
-  fsdp=1: per device 1.71 GiB params + 3.41 GiB optimizer state, step
-          arguments 5.45 GiB, outputs 5.12 GiB, temporaries 53.91 GiB;
-          peak ~64.48 GiB
+  per device 20.09 MiB params + 40.17 MiB optimizer state, step arguments
+  405.61 MiB, outputs 60.33 MiB, temporaries 11.94 GiB; peak ~11.21 GiB of
+  95.00 GiB (42.1 M parameters; 3259 s to compile with the machine at load 9)
 
-Params and optimizer state shrink by 8; the temporaries do not, and they
-dominate: the activations that the backward pass keeps (24 blocks x 8 images
-x 1024 tokens, with 16 x 1024 x 1024 attention weights per image and block),
-the frozen VAE's encoder at 512 px, its decoder chunks for the SSIM loss,
-and, with fsdp, the all-gathered parameters and their full local gradients
-(+3.7 GiB). These are XLA:CPU figures; GPU/TPU buffer assignment and fusion
-differ, so read them as the order of magnitude: the run prints the device's
-own plan and stops before step 1, naming the fields to change, if it does not
-fit (lower batch_size or chunk_size first: they set the temporaries).
+The blocks are scanned, so the program (and its compile time) is the same at
+depth 24; with `dit.remat='full'` each further block adds only its saved
+input (8 images x 1024 tokens x 1024 bf16 = 16 MiB per chip), about 0.35 GiB
+for the 22 more blocks, and its params + Adam state / 8 (~20 MiB): an
+extrapolation, not a compile of depth 24 (which the 2-core machine, shared
+that day, could not finish in the session). The whole-model gather that
+this replaced needed 36.9 GiB per chip at depth 24 (a compile of the
+previous step, the issue's table). The temporaries are now the frozen VAE's
+encoder at 512 px and its decoder chunks for the SSIM loss (lower
+`chunk_size` or `batch_size` first), not the model.
 """
 
 from configs import base
@@ -74,6 +73,7 @@ def get_config():
   c.dit.depth = 24
   c.dit.num_heads = 16
   c.dit.mlp_ratio = 4
+  c.dit.remat = "full"  # keep each block's input only; recompute (and re-gather) the rest
   c.flow.steps = 200_000
   c.flow.learning_rate = 1e-4
   c.flow.warmup_steps = 2000

@@ -6,6 +6,9 @@ Config fields are overridden with `--config.<field>=value`, e.g.
 The console shows progress bars, one line per stage start and end, the final
 table and where the files are; `--verbosity=0` adds absl/orbax INFO logs.
 
+`--compile_only`: compile each stage's step on this host's devices, print
+its memory plan and parameter count, exit (status 2 if it does not fit).
+
 Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i`
 (or the `SSIM_JAX_*` environment variables, see train/distributed.py), or
 `--distributed_auto` for JAX's cluster auto-detection. `jax.distributed` is
@@ -31,7 +34,10 @@ _AUTO = flags.DEFINE_bool("distributed_auto", False,
                           "jax.distributed.initialize() with cluster auto-detection.")
 _CPU_COLL = flags.DEFINE_string("cpu_collectives", None,
                                 "CPU collectives for multi-process CPU runs ('gloo').")
-flags.mark_flags_as_required(["config", "workdir"])
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile each stage's step on these devices, print its memory "
+    "plan (and the fit error if it does not fit), then exit without training.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -50,6 +56,20 @@ def main(argv):
   from train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())
+  if _COMPILE_ONLY.value:
+    from train import memory  # pylint: disable=g-import-not-at-top
+    limit = memory.device_limit()
+    try:
+      for name, plan in loop.memory_plans(_CONFIG.value).items():
+        print(plan.line(name=f"stage {name}", limit=limit))
+        print(f"stage {name}: {memory.format_count(plan.num_params)} parameters")
+        memory.check_fit(plan, limit=limit, name=f"stage {name}")
+    except config_lib.ConfigError as e:  # MemoryPlanError is one
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (unless --compile_only)")
   try:
     results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, loop.TooManySkipsError, ckpt_lib.WorkdirError) as e:

@@ -198,6 +198,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _fail("dit.hidden_size", f"must be a multiple of 4 (sinusoidal embeddings), got {hidden}")
   _int(config, "dit.depth", minimum=1)
   _int(config, "dit.mlp_ratio", minimum=1)
+  from train.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
+  _choice(config, "dit.remat", dit_lib.REMAT_POLICIES)
   _check_pretrained_dit(config)
   _int(config, "flow.steps", minimum=0)
   _float(config, "flow.learning_rate", strictly_positive=True)

@@ -118,7 +118,7 @@ def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False):
       latent_channels=config.vae.latent_channels, patch_size=config.dit.patch_size,
       hidden_size=config.dit.hidden_size, depth=config.dit.depth,
       num_heads=config.dit.num_heads, mlp_ratio=config.dit.mlp_ratio,
-      rngs=nnx.Rngs(config.seed + 1)), abstract=abstract)
+      remat=config.dit.remat, rngs=nnx.Rngs(config.seed + 1)), abstract=abstract)
   if config.dit.pretrained:  # fine-tuning: start from a base model's weights
     try:
       _, params = dit_lib.load_pretrained(config.dit.pretrained, like=dit[1])
@@ -214,7 +214,8 @@ def _abstract(tree):
 
 def _memory_plan(name: str, train_step, state, batch, frozen, key) -> None:
   """Compiles the step (the first call reuses it), logs the plan, checks the fit."""
-  plan = memory_lib.plan(train_step.lower(state, batch, frozen, key).compile(), state)
+  plan = memory_lib.plan(memory_lib.compile_step(train_step.lower(state, batch, frozen, key),
+                                                name=f"stage {name}"), state)
   limit = memory_lib.device_limit()
   _say(plan.line(name=f"stage {name}", limit=limit))
   memory_lib.check_fit(plan, limit=limit, name=f"stage {name}")
@@ -227,6 +228,11 @@ def memory_plans(config, devices=None, *,
   Lowers and compiles the step of each of `stages` on abstract state, batch
   and frozen params laid out as a run lays them out (`scripts/memory_plan.py`);
   a pretrained VAE is still read. Stages that a run would skip are left out.
+  `devices` may be a compile-only TPU topology's (`scripts/memory_plan.py
+  --topology`): the steps are compiled for those chips without them.
+
+  Raises:
+    memory.MemoryPlanError: the compiler ran out of the devices' memory.
   """
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, num_devices=len(devices))
@@ -253,7 +259,8 @@ def memory_plans(config, devices=None, *,
                                              min_shard_size=config.mesh.min_shard_size)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
                          state0, shardings)
-    plans[name] = memory_lib.plan(train_step.lower(state, batch, frozen, key).compile(), state)
+    plans[name] = memory_lib.plan(memory_lib.compile_step(
+        train_step.lower(state, batch, frozen, key), name=f"stage {name}"), state)
   return plans
 
 

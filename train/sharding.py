@@ -10,6 +10,10 @@ count, `data` takes the rest; N = 1 is plain data parallelism).
   `min_shard_size` elements (biases, norms, scalars such as step counters) and
   arrays with no such axis are replicated. The rule looks only at the shape,
   so Adam's moments get the layout of their parameter.
+  Stacked layers (any leaf under a `STACKED` key: the DiT's `[depth, ...]`
+  block parameters, and Adam's moments of them) are never split along their
+  leading depth axis: the rule applies to one layer's shape `shape[1:]`, so
+  that each scan iteration gathers one layer's shards (train/step.py).
 - Everything else (frozen VAE params, validation data): replicated.
 
 `per_device_bytes` measures what the arrays occupy on one device from their
@@ -23,6 +27,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -32,6 +37,8 @@ BATCH_AXES = (DATA, FSDP)  # the example axis of a batch is split over both
 # Arrays below this many elements stay replicated (4 KiB in float32): their
 # all-gather would cost more in latency than it saves in memory.
 MIN_SHARD_SIZE = 1024
+# Params key of stacked [depth, ...] layers applied with a scan (train/models/dit.py).
+STACKED = "blocks"
 
 
 def make_mesh(*, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -71,11 +78,26 @@ def state_spec(shape: Sequence[int], fsdp: int, *,
   return P(*([None] * axis + [FSDP]))
 
 
+def is_stacked(path) -> bool:
+  """Whether a leaf at `path` (a `jax.tree_util` key path) is a stacked layer's."""
+  return any(getattr(k, "key", getattr(k, "name", None)) == STACKED for k in path)
+
+
+def leaf_spec(path, shape: Sequence[int], fsdp: int, *,
+              min_shard_size: int = MIN_SHARD_SIZE) -> P:
+  """`state_spec`, or for a stacked leaf `P(None, *state_spec(shape[1:]))`."""
+  if is_stacked(path) and len(shape) >= 1:
+    inner = state_spec(tuple(shape)[1:], fsdp, min_shard_size=min_shard_size)
+    return P(None, *inner) if inner != P() else P()
+  return state_spec(shape, fsdp, min_shard_size=min_shard_size)
+
+
 def state_specs(tree, mesh: Mesh, *, min_shard_size: int = MIN_SHARD_SIZE):
-  """`state_spec` of every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  """`leaf_spec` of every leaf of `tree` (arrays or ShapeDtypeStructs)."""
   fsdp = mesh.shape[FSDP]
-  return jax.tree.map(
-      lambda x: state_spec(np.shape(x), fsdp, min_shard_size=min_shard_size), tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: leaf_spec(path, np.shape(x), fsdp, min_shard_size=min_shard_size),
+      tree)
 
 
 def state_shardings(tree, mesh: Mesh, *, min_shard_size: int = MIN_SHARD_SIZE):
@@ -105,7 +127,9 @@ def put(tree, shardings):
     shardings = jax.tree.map(lambda _: shardings, tree)
   on_device = [isinstance(x, jax.Array) for x in jax.tree.leaves(tree)]
   if any(on_device):
-    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+    # Copies (never the input buffers forwarded): the train step donates its
+    # state, which must not delete the arrays it was placed from.
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
   return jax.device_put(tree, shardings)
 
 

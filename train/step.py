@@ -5,23 +5,31 @@ train/sharding.py (Auto axes); the batch is split over both axes (`AXIS`).
 The train state lives in its fsdp layout (each large array split over
 'fsdp', `sharding.state_spec`); fsdp = 1 is plain data parallelism.
 
-1. The per-device loss and gradient run under `jax.shard_map`: the params
-   enter with spec `P()`, so XLA all-gathers the fsdp shards into full arrays,
-   and are `pcast` to device-varying so that the gradient of each device's
-   loss is that device's LOCAL gradient (without the pcast, shard_map would
-   already sum it over devices).
-2. `ok = pmin(all finite(local loss, local grads))` over every device: one
-   flag on which all devices agree, decided BEFORE the reduction (a NaN on
-   one device would otherwise reach every device through it).
-3. The gradient is reduced to the global mean IN the state's layout: leaves
-   split over 'fsdp' are `psum_scatter`-ed over 'fsdp' (a reduce-scatter: each
-   device receives only its shard) then `psum`-ed over 'data'; replicated
-   leaves are `pmean`-ed over both axes.
+1. The per-device loss and gradient run under `jax.shard_map`, and the
+   parameters enter it in their fsdp layout (ZeRO-3: no device ever holds the
+   whole float32 model). Inside, each sharded leaf is `all_gather`-ed over
+   'fsdp' where it is used: the small non-stacked ones (embeddings, final
+   layer) whole before the loss, the stacked layers (`sharding.STACKED`, the
+   DiT's `[depth, ...]` blocks) one layer at a time inside the model's scan
+   body (`gather_block`, after the loss has cast them to the compute dtype),
+   and again in the backward pass when the block is rematerialised.
+2. The gradient comes out of shard_map already reduced, in the state's
+   layout: the transpose of each `all_gather` is a `psum_scatter` (each
+   device receives only its shard of the sum, as the gradient is produced,
+   layer by layer), and a parameter invariant over 'data' gets its gradient
+   summed over 'data' (shard_map's implicit `pvary` transposes to a `psum`).
+   Dividing by the device count gives the global mean.
+3. `ok = pmin(finite(local loss) and all finite(this device's gradient
+   shards))` over every device: one flag on which all devices agree. A NaN or
+   inf on one device reaches the summed shard of some device, so the flag
+   sees it wherever it arose.
 4. Outside shard_map (same jit), optax updates the sharded params and
    optimizer state shard by shard, and both become `where(ok, new, old)`: a
    skipped step leaves them bit-identical (so `optax.apply_if_finite`'s "apply
    after N errors" can never happen here). The new state is constrained to the
-   fsdp layout, so a step's output is the next step's input layout.
+   fsdp layout, so a step's output is the next step's input layout. The state
+   is donated to the step (its buffers are reused for the new state): do not
+   use a state after passing it to the step.
 5. `skipped` and `consecutive_skips` counters live in the state; the loop stops
    after `config.max_consecutive_skips`.
 
@@ -111,14 +119,34 @@ def place_state(state: TrainState, mesh: jax.sharding.Mesh, *,
       state, mesh, min_shard_size=min_shard_size))
 
 
-def _reduce_grad(g, spec: P, num_devices: int):
-  """Local gradient -> the global mean, in the layout `spec` of its parameter."""
-  if sharding_lib.FSDP in spec:
-    # Reduce-scatter over fsdp (each device keeps its shard), then sum over data.
-    g = jax.lax.psum_scatter(g, sharding_lib.FSDP, scatter_dimension=spec.index(
-        sharding_lib.FSDP), tiled=True)
-    return jax.lax.psum(g, sharding_lib.DATA) / num_devices
-  return jax.lax.pmean(g, AXIS)
+def gather_leaf(x, spec: P):
+  """Inside shard_map: this device's shard `x` of a leaf laid out as `spec` -> the whole leaf.
+
+  A tiled `all_gather` over 'fsdp' along the split axis; its transpose (the
+  gradient) is a `psum_scatter`. Leaves without an fsdp axis pass unchanged.
+  """
+  if sharding_lib.FSDP not in spec:
+    return x
+  return jax.lax.all_gather(x, sharding_lib.FSDP, axis=spec.index(sharding_lib.FSDP),
+                            tiled=True)
+
+
+def gather_params(params, specs):
+  """Gathers every leaf of `params` except the stacked layers (`sharding.STACKED`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x, s: x if sharding_lib.is_stacked(path) else gather_leaf(x, s),
+      params, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def block_gatherer(stacked_specs):
+  """`gather_block(params)`: one layer's shards -> the layer, for the model's scan body.
+
+  `stacked_specs`: the specs of the stacked `[depth, ...]` leaves; one
+  layer's leaf lacks the depth axis, so its split axis is one lower.
+  """
+  inner = jax.tree.map(lambda s: P(*s[1:]), stacked_specs,
+                       is_leaf=lambda x: isinstance(x, P))
+  return lambda params: jax.tree.map(gather_leaf, params, inner)
 
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -133,7 +161,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 
   Args:
     loss_fn: `loss_fn(params, batch, frozen) -> (grad_loss, metrics)` run per
-      device under shard_map (axes `AXIS`); see the module docstring.
+      device under shard_map (axes `AXIS`); see the module docstring. When the
+      params hold stacked layers (a `sharding.STACKED` key), those arrive as
+      this device's shards and the call is `loss_fn(params, batch, frozen,
+      gather_block=...)`: the loss passes `gather_block` to the model, which
+      applies it to one layer's params inside its scan body.
     tx: the optax optimiser.
     mesh: a `('data', 'fsdp')` mesh (`sharding.make_mesh`).
     make_inputs: optional `make_inputs(batch, key) -> batch` run under jit on the
@@ -145,21 +177,28 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       state passed in must be placed with the same (`place_state`).
 
   Returns:
-    `step(state, batch, frozen, key) -> (state, metrics)`, jitted; `key` is the
-    run's base key, folded with `state.step` so a resumed run draws the same
-    numbers. `step.trace_count()` says how many times it was traced.
+    `step(state, batch, frozen, key) -> (state, metrics)`, jitted, the state
+    donated; `key` is the run's base key, folded with `state.step` so a
+    resumed run draws the same numbers. `step.trace_count()` says how many
+    times it was traced.
   """
   traces = [0]
   num_devices = mesh.size
 
-  def local_grads(params, batch, frozen, grad_specs):
-    params = jax.tree.map(lambda p: jax.lax.pcast(p, AXIS, to="varying"), params)
-    (grad_loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, frozen)
+  def local_grads(params, batch, frozen, specs):
+    # `params`: this device's shards, invariant over 'data'. Not pcast to
+    # varying: the gradient comes back summed over devices in this layout.
+    extra = {}
+    if isinstance(params, dict) and sharding_lib.STACKED in params:
+      extra["gather_block"] = block_gatherer(specs[sharding_lib.STACKED])
+
+    def loss(p):
+      return loss_fn(gather_params(p, specs), batch, frozen, **extra)
+
+    (grad_loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    grads = jax.tree.map(lambda g: g / num_devices, grads)
     local_ok = jnp.isfinite(grad_loss) & all_finite(grads)
     ok = jax.lax.pmin(local_ok.astype(jnp.int32), AXIS) > 0
-    grads = jax.tree.map(lambda g, s: _reduce_grad(g, s, num_devices), grads, grad_specs,
-                         is_leaf=lambda x: isinstance(x, P))
     return ok, grads, metrics
 
   def step(state: TrainState, batch, frozen, key):
@@ -170,7 +209,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     grad_specs = sharding_lib.state_specs(state.params, mesh, min_shard_size=min_shard_size)
     ok, grads, metrics = jax.shard_map(
         lambda p, b, f: local_grads(p, b, f, grad_specs), mesh=mesh,
-        in_specs=(P(), P(AXIS), P()), out_specs=(P(), grad_specs, P()))(
+        in_specs=(grad_specs, P(AXIS), P()), out_specs=(P(), grad_specs, P()))(
             state.params, batch, frozen)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -195,7 +234,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                                   jnp.float32)
     return new_state, metrics
 
-  jitted = jax.jit(step)
+  jitted = jax.jit(step, donate_argnums=0)
   jitted.trace_count = lambda: traces[0]  # type: ignore[attr-defined]
   return jitted
 
@@ -312,7 +351,8 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
   decode = pix_w > 0 or ssim_w > 0
   vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
 
-  def loss_fn(params, batch, vae_params):
+  def loss_fn(params, batch, vae_params, gather_block=None):
+    # Cast first: a sharded block is gathered in the compute dtype (half the bytes in bf16).
     dit = nnx.merge(dit_graphdef, cast_floating(params, compute_dtype))
     vae = nnx.merge(vae_graphdef, cast_floating(vae_params, vae_dtype), vae_rest)
     images = batch["highres"]
@@ -320,7 +360,8 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
     noise, t = batch["noise"], batch["t"]
     x_t = flow.interpolate(z0, noise, t)
     v = flow.velocity_target(z0, noise)
-    v_pred = dit(x_t.astype(compute_dtype), t, batch["lowres"]).astype(jnp.float32)
+    v_pred = dit(x_t.astype(compute_dtype), t, batch["lowres"],
+                 prepare_block=gather_block).astype(jnp.float32)
     v_pred = faults_lib.model_fault(v_pred, batch)  # identity unless config.faults.nan_model_steps
     mse = jnp.mean(jnp.square(v_pred - v))
     metrics = dict(mse=mse, mse_weighted=mse_w * mse)

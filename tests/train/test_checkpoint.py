@@ -342,7 +342,8 @@ def test_fsdp_state_restores_onto_another_mesh_and_continues_identically(tmp_pat
                                min_shard_size=0)
   saved = step_on(2, saved, batches[0])
   assert saved.params["w"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
-  expected = jax.device_get(step_on(2, saved, batches[1]).params)
+  # The step donates its state: step from a copy, `saved` is saved below.
+  expected = jax.device_get(step_on(2, jax.tree.map(jnp.copy, saved), batches[1]).params)
   with checkpoint.Checkpointer(tmp_path / "ck", install_sigterm_handler=False) as ck:
     ck.save(1, saved)
     ck.wait()

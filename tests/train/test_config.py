@@ -25,6 +25,13 @@ def test_shipped_configs_are_valid(name):
   config_lib.validate(load(name), num_devices=8)
 
 
+def test_pod_7b_config_is_valid_on_its_two_topologies():
+  cfg = load("pod_7b")
+  config_lib.validate(cfg, num_devices=256)  # v5e:16x16, batch 256, fsdp 256
+  cfg.batch_size, cfg.mesh.fsdp = 16, 8
+  config_lib.validate(cfg, num_devices=8)  # one v5p-8 host
+
+
 def test_modes_differ():
   assert load("pixel_only").ssim_loss_weight == 0 and load("pixel_only").pixel_loss_weight > 0
   assert load("ssim_only").pixel_loss_weight == 0 and load("ssim_only").ssim_loss_weight > 0
@@ -82,6 +89,7 @@ BAD = [
     ({"data.num_workers": -1}, "data.num_workers", 8),
     ({"dit.num_heads": 3}, "dit.num_heads", 8),
     ({"dit.patch_size": 5}, "dit.patch_size", 8),
+    ({"dit.remat": "dots"}, "dit.remat", 8),
     ({"vae.channels": ()}, "vae.channels", 8),
     ({"vae.l1_weight": 0.0, "vae.ssim_weight": 0.0}, "vae.l1_weight", 8),
     ({"flow.learning_rate": 0.0}, "flow.learning_rate", 8),

@@ -35,6 +35,17 @@ def test_state_spec_rule():
   assert spec((16, 64), n=1) == P()  # no fsdp axis to split over
 
 
+def test_stacked_layers_are_split_within_a_layer_not_over_depth():
+  spec = lambda tree, n=4: sharding.state_specs(tree, sharding.make_mesh(fsdp=n),
+                                                min_shard_size=0)
+  x = jax.ShapeDtypeStruct((8, 4, 6), jnp.float32)  # depth 8 would be the largest axis
+  got = spec({"blocks": {"k": x}, "other": x, "opt": [{"mu": {"blocks": {"k": x}}}]})
+  assert got["blocks"]["k"] == P(None, "fsdp")  # within the layer's (4, 6): 4 divides
+  assert got["opt"][0]["mu"]["blocks"]["k"] == P(None, "fsdp")  # Adam's moments alike
+  assert got["other"] == P("fsdp")  # not stacked: the largest axis
+  assert spec({"blocks": {"k": jax.ShapeDtypeStruct((8, 3), jnp.float32)}})["blocks"]["k"] == P()
+
+
 def _dit_params(hidden=128, depth=2):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   model = nnx.eval_shape(lambda: dit_lib.DiT(
@@ -59,11 +70,14 @@ def test_per_device_bytes_of_the_train_state_shrink_by_n():
     state = step_lib.place_state(state0, mesh)
     got[n] = (sharding.per_device_bytes(state.params),
               sharding.per_device_bytes(state.opt_state))
-    for x in jax.tree.leaves(state):
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
       shard_bytes = {s.data.nbytes for s in x.addressable_shards}
       assert len(shard_bytes) == 1  # the same on every device
-      spec = sharding.state_spec(x.shape, n)
+      spec = sharding.leaf_spec(path, x.shape, n)
+      assert x.sharding.spec == spec
       assert shard_bytes.pop() == (x.nbytes // n if "fsdp" in spec else x.nbytes)
+      if sharding.is_stacked(path):  # the DiT's [depth, ...] blocks: never split by depth
+        assert x.shape[0] == 2 and (not spec or spec[0] is None)
     # The abstract path (ShapeDtypeStruct + sharding) measures the same.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=x.sharding), state)

@@ -8,6 +8,17 @@ patch; `t` enters through adaptive LayerNorm (scale/shift/gate per block,
 zero-initialised gates: every block starts as the identity, as in DiT).
 
 Output: the velocity `v_pred` `[B, h, w, c]`, same shape and dtype as `x_t`.
+
+The `depth` blocks are ONE `Block` module whose parameters are stacked
+`[depth, ...]` (`DiT.blocks`), applied with `jax.lax.scan`: the compiled
+program holds one block whatever the depth, and each scan iteration is where
+a sharded run gathers that block's parameters (`prepare_block`, see
+train/step.py). `remat` picks what the backward pass recomputes per block:
+'none' (keep every activation), 'full' (keep only the block inputs,
+recompute the rest, gathers included) or 'dots_saveable' (keep the matmul
+outputs, recompute the elementwise ops). Saved model folders keep the
+per-block layout (`blocks.<i>.<name>`, as before the blocks were stacked):
+`save_pretrained` unstacks, `load_pretrained` stacks.
 """
 
 from __future__ import annotations
@@ -22,6 +33,21 @@ import numpy as np
 from flax import nnx
 
 from ssim_jax import flow
+from train import sharding as sharding_lib
+
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+STACKED = sharding_lib.STACKED  # params key of the stacked [depth, ...] block parameters
+
+
+def remat_block(fn, policy: str):
+  """`fn` (a scan body) under `jax.checkpoint` with the named policy (`REMAT_POLICIES`)."""
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+  if policy == "dots_saveable":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_saveable)
+  raise ValueError(f"remat: must be one of {REMAT_POLICIES}, got {policy!r}")
 
 
 def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 1e4) -> jax.Array:
@@ -72,21 +98,29 @@ class DiT(nnx.Module):
     latent_channels: channels `c` of the VAE latent.
     patch_size: latent pixels per token side.
     hidden_size, depth, num_heads, mlp_ratio: transformer size.
+    remat: per-block rematerialisation policy (`REMAT_POLICIES`).
     rngs: parameter initialisation.
   """
 
   def __init__(self, *, latent_channels: int, patch_size: int, hidden_size: int,
-               depth: int, num_heads: int, mlp_ratio: int, rngs: nnx.Rngs):
+               depth: int, num_heads: int, mlp_ratio: int, remat: str = "none",
+               rngs: nnx.Rngs):
+    remat_block(lambda: None, remat)  # validates the policy name
     self.latent_channels = latent_channels
     self.patch_size = patch_size
     self.hidden_size = hidden_size
+    self.remat = remat
     token_dim = patch_size * patch_size * latent_channels
     cond_dim = patch_size * patch_size * 3
     self.embed = nnx.Linear(token_dim + cond_dim, hidden_size, rngs=rngs)
     self.t_mlp1 = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
     self.t_mlp2 = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
-    self.blocks = nnx.List([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs)
-                            for _ in range(depth)])
+    # Initialised one by one (the same numbers as the per-block layout had),
+    # then stacked into one Block whose every parameter is [depth, ...].
+    blocks = [nnx.split(Block(hidden_size, num_heads, mlp_ratio, rngs=rngs))
+              for _ in range(depth)]
+    self.blocks = nnx.merge(blocks[0][0], jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                       *[st for _, st in blocks]))
     self.final_norm = nnx.LayerNorm(hidden_size, use_scale=False, use_bias=False, rngs=rngs)
     self.final_ada = nnx.Linear(hidden_size, 2 * hidden_size,
                                 kernel_init=nnx.initializers.zeros, rngs=rngs)
@@ -94,8 +128,16 @@ class DiT(nnx.Module):
     self.out = nnx.Linear(hidden_size, token_dim, kernel_init=nnx.initializers.zeros,
                           rngs=rngs)
 
-  def __call__(self, x_t: jax.Array, t: jax.Array, lowres: jax.Array) -> jax.Array:
-    """Args: x_t `[B,h,w,c]`, t `[B]`, lowres `[B,hl,wl,3]`. Returns v_pred `[B,h,w,c]`."""
+  def __call__(self, x_t: jax.Array, t: jax.Array, lowres: jax.Array, *,
+               prepare_block=None) -> jax.Array:
+    """Args: x_t `[B,h,w,c]`, t `[B]`, lowres `[B,hl,wl,3]`. Returns v_pred `[B,h,w,c]`.
+
+    `prepare_block(params) -> params`, if given, maps one block's parameters
+    (a pure dict, the stacked ones without their depth axis) inside the scan
+    body before the block runs: a sharded step all-gathers them there, so
+    only the running block is ever whole (and, under remat, it is gathered
+    again in the backward pass).
+    """
     b, h, w, c = x_t.shape
     if c != self.latent_channels:
       raise ValueError(f"x_t: expected {self.latent_channels} channels, got shape {x_t.shape}")
@@ -112,8 +154,14 @@ class DiT(nnx.Module):
     x = x + jnp.asarray(_pos_embedding_2d(h // p, w // p, self.hidden_size), dtype)[None]
     temb = timestep_embedding(t, self.hidden_size).astype(dtype)
     temb = self.t_mlp2(nnx.silu(self.t_mlp1(temb)))
-    for blk in self.blocks:
-      x = blk(x, temb)
+    block_def, block_state = nnx.split(self.blocks)
+
+    def body(x, params):
+      if prepare_block is not None:
+        params = prepare_block(params)
+      return nnx.merge(block_def, params)(x, temb), None
+
+    x, _ = jax.lax.scan(remat_block(body, self.remat), x, nnx.to_pure_dict(block_state))
     shift, scale = jnp.split(self.final_ada(nnx.silu(temb))[:, None], 2, axis=-1)
     x = self.final_norm(x) * (1 + scale) + shift
     v = self.out(x)
@@ -153,7 +201,7 @@ def save_pretrained(params, folder, *, model_config) -> None:
   os.makedirs(folder, exist_ok=True)
   cfg = {k: int(model_config[k]) for k in CONFIG_FIELDS}
   tensors = {name: np.ascontiguousarray(np.asarray(v, np.float32))
-             for name, v in _flatten(params)}
+             for name, v in _flatten(unstack_blocks(params))}
   save_file(tensors, os.path.join(folder, WEIGHTS_NAME))
   with open(os.path.join(folder, CONFIG_NAME), "w") as f:
     json.dump({"_class_name": "DiT", **cfg}, f, indent=2, sort_keys=True)
@@ -182,9 +230,39 @@ def load_pretrained(folder, *, like=None) -> tuple[dict, dict]:
     for k in parents:
       node = node.setdefault(k, {})
     node[leaf] = value
+  params = stack_blocks(params)
   if like is not None:
     params = _fit(params, like, folder)
   return model_config, params
+
+
+def unstack_blocks(params: dict) -> dict:
+  """The per-block file layout: `{'blocks': {name: [depth, ...]}}` -> `{'blocks': {'<i>': {name: ...}}}`."""
+  if STACKED not in params or _is_per_block(params[STACKED]):
+    return params
+  depth = {np.shape(x)[0] for x in jax.tree.leaves(params[STACKED])}
+  if len(depth) != 1:
+    raise ValueError(f"params[{STACKED!r}]: stacked leaves disagree on depth {sorted(depth)}")
+  per_block = {str(i): jax.tree.map(lambda x, i=i: np.asarray(x)[i], params[STACKED])
+               for i in range(depth.pop())}
+  return {**params, STACKED: per_block}
+
+
+def stack_blocks(params: dict) -> dict:
+  """The model's layout from the per-block one (`unstack_blocks` inverted); stacked stays."""
+  if STACKED not in params or not _is_per_block(params[STACKED]):
+    return params
+  per_block = params[STACKED]
+  ids = sorted(int(k) for k in per_block)
+  if ids != list(range(len(ids))):
+    raise ValueError(f"params[{STACKED!r}]: block indices {ids} are not 0..{len(ids) - 1}")
+  blocks = [per_block[k] for k in sorted(per_block, key=int)]
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
+  return {**params, STACKED: stacked}
+
+
+def _is_per_block(tree) -> bool:
+  return isinstance(tree, dict) and bool(tree) and all(str(k).isdigit() for k in tree)
 
 
 def read_config(folder) -> dict:
