@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.ssim_loss_weight = 0.0
   c.ssim_loss_max_t = 0.3
   c.ssim_window_size = 11
+  # 1: the SSIM term is SSIM; L > 1: MS-SSIM over L scales (standard weights
+  # renormalised; needs data.hr_size >= (ssim_window_size - 1) 2^(L-1) + 1).
+  c.ssim_loss_levels = 1
   # Images decoded per chunk for the pixel/SSIM losses (bounds activation memory).
   c.chunk_size = 2
   # Timestep distribution: t = sigmoid(N(0, 1) * scale + shift) ("logit-normal").
@@ -85,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.vae.warmup_steps = 100
   c.vae.l1_weight = 1.0
   c.vae.ssim_weight = 0.2
+  c.vae.ssim_levels = 1  # 1: SSIM; L > 1: MS-SSIM over L scales (as ssim_loss_levels)
   c.vae.kl_weight = 1e-6
 
   # --- Velocity model (train/models/dit.py) and its stage.

@@ -159,6 +159,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _fail("data.dir", "must be a string path ('' for the embedded retina data)")
   if win > hr:
     _fail("ssim_window_size", f"{win} is larger than the image (data.hr_size={hr})")
+  for field in ("ssim_loss_levels", "vae.ssim_levels"):
+    levels = _int(config, field, minimum=1)
+    need = (win - 1) * 2 ** (levels - 1) + 1
+    if levels > 5 or need > hr:
+      _fail(field, f"{levels} MS-SSIM scales need at most 5 scales and data.hr_size >= "
+            f"(ssim_window_size - 1) * 2^(levels - 1) + 1 = {need} (hr_size={hr}, "
+            f"ssim_window_size={win})")
 
   # Models.
   if not vae_on:
