@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Data (train/sources.py: images; train/input_pipeline.py: crops -> batches, on grain).
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # "" -> embedded skimage retina crops; else a folder of PNG/JPEG/TIFF
+  # "" (retina, or "folder" when data.dir is set) | "folder" | "dicom" (a folder of .dcm)
+  c.data.source = ""
+  c.data.dicom_window = "header"  # DICOM: "header" WindowCenter/Width | "percentile"
   c.data.hr_size = 64  # high-resolution crop size (pixels)
   c.data.scale = 4  # low-resolution size = hr_size // scale
   c.data.num_val = 16  # held-out validation crops
@@ -67,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.blur_sigma = 0.0  # Gaussian blur std, HR pixels (0: none)
   c.data.noise_level = 0.0  # Gaussian noise std, 8-bit grey levels of 255 (0: none)
   c.data.lr_bits = 0  # round the LR image to this many bits (0: keep float32)
+  # "camera": blur -> area -> Gaussian noise; "mri": k-space truncation -> Rician noise.
+  c.data.degradation = "camera"
   c.data.retina_downscale = 1  # embedded retina only: area-downscale the photograph first
 
   # --- Autoencoder (train/models/vae.py) and its stage.

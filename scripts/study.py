@@ -56,9 +56,12 @@ class Arm:
   control: bool = False
 
 
-def _flow_arms(group: str, config: str, *, main_seeds, extra: bool) -> list[Arm]:
+def _flow_arms(group: str, config: str, *, main_seeds, extra: bool,
+               own_vae: bool = False) -> list[Arm]:
   base = Arm(group, "base", "base model (velocity mse, from scratch)", config)
   ft = ("flow.steps=1000", "flow.learning_rate=5e-4", "flow.warmup_steps=50")
+  if own_vae:  # the base run trained the VAE: the arms reuse it, frozen
+    ft += ("vae.pretrained={base}/export/vae",)
   arm = lambda name, label, sets, seeds=main_seeds, control=False: Arm(
       group, name, label, config, ft + tuple(sets), tuple(seeds), "base", control)
   arms = [
@@ -91,7 +94,8 @@ def _vae_arms() -> list[Arm]:
 
 
 ARMS = (_flow_arms("fundus", "configs/study_fundus.py", main_seeds=(0, 1), extra=True)
-        + _flow_arms("mr", "configs/mr_study.py", main_seeds=(0,), extra=False)
+        + _flow_arms("mr", "configs/mr_study.py", main_seeds=(0, 1), extra=False,
+                     own_vae=True)
         + _vae_arms())
 # Queue: the fundus arms first, seed 0 of every main arm before seed 1, then the rest.
 GROUPS = ("fundus", "mr", "vae")
@@ -124,6 +128,7 @@ def run_one(arm: Arm, seed: int, root: str, log: str, extra: list[str]) -> None:
   sets = list(arm.sets) + list(extra)
   if arm.base:
     base = next(a for a in ARMS if a.group == arm.group and a.name == arm.base)
+    sets = [x.replace("{base}", workdir(root, base, 0)) for x in sets]
     sets.append(f"dit.pretrained={os.path.join(workdir(root, base, 0), 'export', 'dit')}")
   cmd = [sys.executable, "-m", "train", f"--config={arm.config}", f"--workdir={wd}",
          f"--config.seed={seed}", "--config.progress_bar=False"] + [f"--config.{s}" for s in sets]

@@ -155,6 +155,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   if _int(config, "data.lr_bits", minimum=0) > 16:
     _fail("data.lr_bits", f"must be in [0, 16] (0: no rounding), got {config.data.lr_bits}")
   _int(config, "data.retina_downscale", minimum=1)
+  _choice(config, "data.degradation", ("camera", "mri"))
+  _choice(config, "data.dicom_window", ("header", "percentile"))
+  source = _choice(config, "data.source", ("", "retina", "folder", "dicom"))
+  if source in ("folder", "dicom") and not _get(config, "data.dir"):
+    _fail("data.source", f"{source!r} needs data.dir (a folder of images)")
   if not isinstance(_get(config, "data.dir"), str):
     _fail("data.dir", "must be a string path ('' for the embedded retina data)")
   if win > hr:
