@@ -79,8 +79,6 @@ def _flow_arms(group: str, config: str, *, main_seeds, extra: bool,
         arm("ssim10", "+ 10 SSIM", ("ssim_loss_weight=10.0",), seeds=(0, 1)),
         arm("ssim_t1", "+ 1.0 SSIM, ssim_loss_max_t = 1.0",
             ("ssim_loss_weight=1.0", "ssim_loss_max_t=1.0"), seeds=(0, 1)),
-        arm("ssim10_t1", "+ 10 SSIM, ssim_loss_max_t = 1.0",
-            ("ssim_loss_weight=10.0", "ssim_loss_max_t=1.0"), seeds=(0,)),
     ]
   return arms
 
@@ -88,10 +86,10 @@ def _flow_arms(group: str, config: str, *, main_seeds, extra: bool,
 def _vae_arms() -> list[Arm]:
   cfg = "configs/study_vae.py"
   return [
-      Arm("vae", "l1", "L1", cfg, ("vae.ssim_weight=0.0",), (0,), control=True),
-      Arm("vae", "l1_ssim", "L1 + 1.0 SSIM", cfg, ("vae.ssim_weight=1.0",), (0,)),
+      Arm("vae", "l1", "L1", cfg, ("vae.ssim_weight=0.0",), (0, 1), control=True),
+      Arm("vae", "l1_ssim", "L1 + 1.0 SSIM", cfg, ("vae.ssim_weight=1.0",), (0, 1)),
       Arm("vae", "l1_msssim", "L1 + 1.0 MS-SSIM (2 scales)", cfg,
-          ("vae.ssim_weight=1.0", "vae.ssim_levels=2"), (0,)),
+          ("vae.ssim_weight=1.0", "vae.ssim_levels=2"), (0, 1)),
   ]
 
 
