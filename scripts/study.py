@@ -70,7 +70,7 @@ def _flow_arms(group: str, config: str, *, main_seeds, extra: bool,
       arm("l1", "+ 1.0 L1", ("pixel_loss_weight=1.0",)),
       arm("ssim", "+ 1.0 SSIM", ("ssim_loss_weight=1.0",)),
       arm("msssim", "+ 1.0 MS-SSIM (2 scales)", ("ssim_loss_weight=1.0", "ssim_loss_levels=2")),
-      arm("l1_ssim", "+ 0.5 L1 + 0.5 SSIM (the main job's mix)",
+      arm("l1_ssim", "+ 0.5 L1 + 0.5 SSIM (the main job's former mix)",
           ("pixel_loss_weight=0.5", "ssim_loss_weight=0.5")),
   ]
   if extra:
