@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.ssim_loss_weight = 0.0
   c.ssim_loss_max_t = 0.3
   c.ssim_window_size = 11
+  # 1: the SSIM term is SSIM; L > 1: MS-SSIM over L scales (standard weights
+  # renormalised; needs data.hr_size >= (ssim_window_size - 1) 2^(L-1) + 1).
+  c.ssim_loss_levels = 1
   # Images decoded per chunk for the pixel/SSIM losses (bounds activation memory).
   c.chunk_size = 2
   # Timestep distribution: t = sigmoid(N(0, 1) * scale + shift) ("logit-normal").
@@ -55,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --- Data (train/sources.py: images; train/input_pipeline.py: crops -> batches, on grain).
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # "" -> embedded skimage retina crops; else a folder of PNG/JPEG/TIFF
+  # "" (retina, or "folder" when data.dir is set) | "folder" | "dicom" (a folder of .dcm)
+  c.data.source = ""
+  c.data.dicom_window = "header"  # DICOM: "header" WindowCenter/Width | "percentile"
   c.data.hr_size = 64  # high-resolution crop size (pixels)
   c.data.scale = 4  # low-resolution size = hr_size // scale
   c.data.num_val = 16  # held-out validation crops
@@ -64,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.blur_sigma = 0.0  # Gaussian blur std, HR pixels (0: none)
   c.data.noise_level = 0.0  # Gaussian noise std, 8-bit grey levels of 255 (0: none)
   c.data.lr_bits = 0  # round the LR image to this many bits (0: keep float32)
+  # "camera": blur -> area -> Gaussian noise; "mri": k-space truncation -> Rician noise.
+  c.data.degradation = "camera"
   c.data.retina_downscale = 1  # embedded retina only: area-downscale the photograph first
 
   # --- Autoencoder (train/models/vae.py) and its stage.
@@ -85,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.vae.warmup_steps = 100
   c.vae.l1_weight = 1.0
   c.vae.ssim_weight = 0.2
+  c.vae.ssim_levels = 1  # 1: SSIM; L > 1: MS-SSIM over L scales (as ssim_loss_levels)
   c.vae.kl_weight = 1e-6
 
   # --- Velocity model (train/models/dit.py) and its stage.

@@ -14,6 +14,9 @@ def get_config():
   c.data.num_val = 4
   c.vae.pretrained = ""  # trains its own (tiny) VAE and DiT
   c.dit.pretrained = ""
+  # Both decoded terms on, whatever the main job uses: the tests exercise them.
+  c.pixel_loss_weight = 0.5
+  c.ssim_loss_weight = 0.5
   c.vae.channels = (4,)
   c.vae.latent_channels = 2
   c.vae.mid_attention = False

@@ -155,10 +155,22 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   if _int(config, "data.lr_bits", minimum=0) > 16:
     _fail("data.lr_bits", f"must be in [0, 16] (0: no rounding), got {config.data.lr_bits}")
   _int(config, "data.retina_downscale", minimum=1)
+  _choice(config, "data.degradation", ("camera", "mri"))
+  _choice(config, "data.dicom_window", ("header", "percentile"))
+  source = _choice(config, "data.source", ("", "retina", "folder", "dicom"))
+  if source in ("folder", "dicom") and not _get(config, "data.dir"):
+    _fail("data.source", f"{source!r} needs data.dir (a folder of images)")
   if not isinstance(_get(config, "data.dir"), str):
     _fail("data.dir", "must be a string path ('' for the embedded retina data)")
   if win > hr:
     _fail("ssim_window_size", f"{win} is larger than the image (data.hr_size={hr})")
+  for field in ("ssim_loss_levels", "vae.ssim_levels"):
+    levels = _int(config, field, minimum=1)
+    need = (win - 1) * 2 ** (levels - 1) + 1
+    if levels > 5 or need > hr:
+      _fail(field, f"{levels} MS-SSIM scales need at most 5 scales and data.hr_size >= "
+            f"(ssim_window_size - 1) * 2^(levels - 1) + 1 = {need} (hr_size={hr}, "
+            f"ssim_window_size={win})")
 
   # Models.
   if not vae_on:

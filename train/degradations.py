@@ -15,6 +15,21 @@ setting so that every number is reproducible):
   4. rounding to `lr_bits` bits (0: keep float32), as an 8-bit file stores it.
 
 All images are float32 in [-1, 1] (one 8-bit level is 2 / 255 there).
+
+`kind="mri"` (`data.degradation="mri"`) is the low-resolution acquisition of
+MR instead (a scanner does not blur then sample pixels; it samples k-space):
+
+  1. optional Gaussian blur `blur_sigma` as above (0 by default);
+  2. k-space truncation by `scale`: the crop's 2-D Fourier transform keeps
+     only its central `H / scale x W / scale` frequencies (fewer phase and
+     frequency encodes) and is transformed back at that size; the magnitude
+     is kept, as MR images are magnitude images (Gibbs ringing at edges, as
+     in a real low-resolution scan; the crop is treated as periodic);
+  3. Rician noise: the magnitude of (image + n1, n2) with n1, n2 Gaussian of
+     std `noise_level` grey levels (of 255) of the [0, 1] intensity: MR's
+     noise is Gaussian in the complex k-space data, Rician in the magnitude
+     (biased upwards in dark background, nearly Gaussian in tissue);
+  4. rounding to `lr_bits` as above.
 """
 
 from __future__ import annotations
@@ -32,11 +47,14 @@ class Degradation(NamedTuple):
     blur_sigma: Gaussian blur std in HR pixels, >= 0 (0: no blur).
     noise_level: Gaussian noise std in 8-bit grey levels (of 255), >= 0.
     lr_bits: bits the LR image is rounded to (0: no rounding, else 1..16).
+    kind: "camera" (blur -> area -> Gaussian noise) or "mri" (k-space
+      truncation -> Rician noise), see the module docstring.
   """
   scale: int
   blur_sigma: float = 0.0
   noise_level: float = 0.0
   lr_bits: int = 0
+  kind: str = "camera"
 
   @property
   def random(self) -> bool:
@@ -56,7 +74,12 @@ def check(d: Degradation) -> Degradation:
       or not 0 <= d.lr_bits <= 16):
     raise ValueError(f"data.lr_bits must be an int in [0, 16] (0: no rounding), "
                      f"got {d.lr_bits!r}")
+  if d.kind not in KINDS:
+    raise ValueError(f"data.degradation must be one of {KINDS}, got {d.kind!r}")
   return d
+
+
+KINDS = ("camera", "mri")
 
 
 def gaussian_taps(sigma: float) -> np.ndarray:
@@ -117,13 +140,54 @@ def degrade(highres: np.ndarray, d: Degradation,
   Returns:
     float32 `[N, H / scale, W / scale, C]` in [-1, 1].
   """
+  if d.kind == "mri":
+    return _degrade_mri(highres, d, rngs)
   lr = area_downsample(blur(highres, d.blur_sigma), d.scale)
   if d.noise_level > 0:
-    if rngs is None or len(rngs) != len(lr):
-      raise ValueError(f"degrade with noise needs one generator per image ({len(lr)}), "
-                       f"got {None if rngs is None else len(rngs)}")
+    _check_rngs(rngs, len(lr))
     std = np.float32(2.0 * d.noise_level / 255.0)
     lr = lr + std * np.stack([g.standard_normal(lr.shape[1:], np.float32) for g in rngs])
+  return _round_bits(lr, d)
+
+
+def _check_rngs(rngs, n: int) -> None:
+  if rngs is None or len(rngs) != n:
+    raise ValueError(f"degrade with noise needs one generator per image ({n}), "
+                     f"got {None if rngs is None else len(rngs)}")
+
+
+def kspace_truncate(images: np.ndarray, scale: int) -> np.ndarray:
+  """Keeps the central `H / scale x W / scale` of k-space: `[N, H, W, C]` -> `[N, h, w, C]`.
+
+  Complex float64 result at the low resolution, normalised so that a constant
+  image keeps its value (the DC term divided by scale^2). scale=1: the identity.
+  """
+  n, h, w, c = images.shape
+  if h % scale or w % scale:
+    raise ValueError(f"scale={scale} does not divide the image size {h}x{w}")
+  k = np.fft.fftshift(np.fft.fft2(np.asarray(images, np.float64), axes=(1, 2)), axes=(1, 2))
+  lh, lw = h // scale, w // scale
+  top, left = h // 2 - lh // 2, w // 2 - lw // 2
+  k = k[:, top:top + lh, left:left + lw]
+  return np.fft.ifft2(np.fft.ifftshift(k, axes=(1, 2)), axes=(1, 2)) / (scale * scale)
+
+
+def _degrade_mri(highres: np.ndarray, d: Degradation, rngs) -> np.ndarray:
+  """k-space truncation -> Rician noise -> bits (module docstring), on [0, 1] intensities."""
+  x = (blur(highres, d.blur_sigma).astype(np.float64) + 1.0) * 0.5
+  lr = kspace_truncate(x, d.scale)
+  real, imag = lr.real, lr.imag
+  if d.noise_level > 0:
+    _check_rngs(rngs, len(lr))
+    std = d.noise_level / 255.0
+    noise = np.stack([g.standard_normal((2,) + lr.shape[1:]) for g in rngs])
+    real, imag = real + std * noise[:, 0], imag + std * noise[:, 1]
+  mag = np.sqrt(real * real + imag * imag)
+  return _round_bits((mag * 2.0 - 1.0).astype(np.float32), d)
+
+
+def _round_bits(lr: np.ndarray, d: Degradation) -> np.ndarray:
+  """Rounds to `d.lr_bits` (if set) and clips to [-1, 1]: float32."""
   if d.lr_bits:
     levels = float(2 ** d.lr_bits - 1)
     lr = np.round((np.clip(lr, -1.0, 1.0) + 1.0) * (levels / 2.0)) * (2.0 / levels) - 1.0

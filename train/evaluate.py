@@ -135,7 +135,7 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _metrics(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
-  """Batch-mean PSNR / SSIM / MS-SSIM of images in [0, 1] (traced)."""
+  """Per-image PSNR / SSIM / MS-SSIM of images in [0, 1]: float32 `[B]` each (traced)."""
   import ssim_jax  # pylint: disable=g-import-not-at-top
   from ssim_jax.ms_ssim import ms_ssim  # pylint: disable=g-import-not-at-top
 
@@ -143,11 +143,10 @@ def _metrics(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
   win = ssim_window(size)
   levels = ms_ssim_levels(size, window_size=win)
   return {
-      "psnr": jnp.mean(psnr(x, y)),
-      "ssim": jnp.mean(ssim_jax.ssim(x, y, data_range=1.0, window_size=win,
-                                     sigma=SSIM_SIGMA)),
-      "ms_ssim": jnp.mean(ms_ssim(x, y, data_range=1.0, window_size=win, sigma=SSIM_SIGMA,
-                                  levels=levels, weights=ms_ssim_weights(levels))),
+      "psnr": psnr(x, y),
+      "ssim": ssim_jax.ssim(x, y, data_range=1.0, window_size=win, sigma=SSIM_SIGMA),
+      "ms_ssim": ms_ssim(x, y, data_range=1.0, window_size=win, sigma=SSIM_SIGMA,
+                         levels=levels, weights=ms_ssim_weights(levels)),
   }
 
 
@@ -158,8 +157,26 @@ def _evaluate(pred, lowres, target, scale):
   return {"bicubic": _metrics(bicubic, y), "model": _metrics(_to_unit(pred), y)}
 
 
-def evaluate_sr(pred, lowres, target, *, scale: int) -> dict[str, dict[str, float]]:
-  """PSNR / SSIM / MS-SSIM of the model and of the bicubic baseline.
+def image_metrics(pred, target) -> dict[str, np.ndarray]:
+  """Per-image PSNR / SSIM / MS-SSIM of `pred` vs `target` (both `[B, H, W, C]` in [-1, 1]).
+
+  The metrics of `evaluate_sr`, e.g. for VAE reconstructions: float64 `[B]` each.
+  """
+  chex.assert_rank([pred, target], 4)
+  chex.assert_equal_shape([pred, target])
+  out = jax.device_get(_image_metrics(jnp.asarray(pred, jnp.float32),
+                                      jnp.asarray(target, jnp.float32)))
+  return {m: np.asarray(out[m], np.float64) for m in METRICS}
+
+
+@jax.jit
+def _image_metrics(pred, target):
+  return _metrics(_to_unit(pred), _to_unit(target))
+
+
+def evaluate_sr_per_image(pred, lowres, target, *,
+                          scale: int) -> dict[str, dict[str, np.ndarray]]:
+  """Per-image PSNR / SSIM / MS-SSIM of the model and of the bicubic baseline.
 
   Args:
     pred: model output `[B, H, W, 3]` in [-1, 1] (clipped to it).
@@ -168,8 +185,9 @@ def evaluate_sr(pred, lowres, target, *, scale: int) -> dict[str, dict[str, floa
     scale: super-resolution factor.
 
   Returns:
-    `{"bicubic": {"psnr", "ssim", "ms_ssim"}, "model": {...}}` python floats,
-    means over the batch (one compiled computation per shape).
+    `{"bicubic": {"psnr", "ssim", "ms_ssim"}, "model": {...}}`, float64 `[B]`
+    each (one compiled computation per shape): paired comparisons of two
+    models on the same crops use these.
   """
   chex.assert_rank([pred, lowres, target], 4)
   chex.assert_equal_shape([pred, target])
@@ -182,8 +200,25 @@ def evaluate_sr(pred, lowres, target, *, scale: int) -> dict[str, dict[str, floa
   out = jax.device_get(_evaluate(jnp.asarray(pred, jnp.float32),
                                  jnp.asarray(lowres, jnp.float32),
                                  jnp.asarray(target, jnp.float32), scale))
-  # Fixed order (pytrees sort dict keys): bicubic then model; psnr, ssim, ms_ssim.
-  return {k: {m: float(out[k][m]) for m in METRICS} for k in ("bicubic", "model")}
+  return {k: {m: np.asarray(out[k][m], np.float64) for m in METRICS}
+          for k in ("bicubic", "model")}
+
+
+def mean_metrics(per_image: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+  """`{method: {metric: [B]}}` -> `{method: {metric: mean float}}` (float32 mean, as before)."""
+  return {k: {m: float(np.mean(np.asarray(v, np.float32))) for m, v in row.items()}
+          for k, row in per_image.items()}
+
+
+def evaluate_sr(pred, lowres, target, *, scale: int) -> dict[str, dict[str, float]]:
+  """PSNR / SSIM / MS-SSIM of the model and of the bicubic baseline, means over the batch.
+
+  Args and checks as `evaluate_sr_per_image`.
+
+  Returns:
+    `{"bicubic": {"psnr", "ssim", "ms_ssim"}, "model": {...}}` python floats.
+  """
+  return mean_metrics(evaluate_sr_per_image(pred, lowres, target, scale=scale))
 
 
 def ssim_map_image(pred, target) -> np.ndarray:

@@ -366,7 +366,8 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
       scale=scale,
       blur_sigma=_cfg(data_config, ("blur_sigma",), 0.0),
       noise_level=_cfg(data_config, ("noise_level",), 0.0),
-      lr_bits=_cfg(data_config, ("lr_bits",), 0)))
+      lr_bits=_cfg(data_config, ("lr_bits",), 0),
+      kind=_cfg(data_config, ("degradation",), "camera")))
   downscale = _cfg(data_config, ("retina_downscale",), 1)
   for name, v in (("retina_downscale", downscale), ("prefetch", prefetch),
                   ("num_workers", num_workers)):
@@ -395,8 +396,14 @@ def make_datasets(data_config, *, batch_size_per_process: int, seed: int,
       raise ValueError("data.source='folder' needs data.dir (a folder of PNG/JPEG/TIFF)")
     store, train_regions, val_regions = sources.folder_source(root, size, val_fraction,
                                                               extensions, cache_bytes, stats)
+  elif source == "dicom":
+    if not root:
+      raise ValueError("data.source='dicom' needs data.dir (a folder of .dcm files)")
+    store, train_regions, val_regions = sources.dicom_source(
+        root, size, val_fraction, stats,
+        window=_cfg(data_config, ("dicom_window",), "header"))
   else:
-    raise ValueError(f"data.source must be 'retina' or 'folder', got {source!r}")
+    raise ValueError(f"data.source must be 'retina', 'folder' or 'dicom', got {source!r}")
   stats.train_images = len(train_regions)
   stats.val_images = len(val_regions)
 

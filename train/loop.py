@@ -9,7 +9,8 @@ checkpoint with the same data and random numbers (bit-identical on CPU).
 Workdir layout:
   vae/   flow/   orbax checkpoints of each stage (TrainState)
   logs/          TensorBoard event files (process 0 only)
-  eval/          PNG grids lowres | bicubic | model | target | SSIM map
+  eval/          PNG grids lowres | bicubic | model | target | SSIM map; NAME.npz: every
+                 held-out prediction (pred, lowres, highres)
 """
 
 from __future__ import annotations
@@ -432,8 +433,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     if preempted:
       results["preempted"] = True
       return results
-    psnr, ssim = progs.recon(vae_params, step_lib.replicate(np.asarray(val.highres), mesh))
-    results["vae"] = {"psnr": float(psnr), "ssim": float(ssim)}
+    recon = np.asarray(progs.recon(vae_params, step_lib.replicate(np.asarray(val.highres), mesh)))
+    per_crop = {"vae reconstruction": eval_lib.image_metrics(recon, val.highres)}
+    psnr, ssim = (float(np.mean(per_crop["vae reconstruction"][m])) for m in ("psnr", "ssim"))
+    results["vae"] = {"psnr": psnr, "ssim": ssim}
     writer.write_scalars(total, {f"vae_eval/{k}": v for k, v in results["vae"].items()})
     _say(f"stage vae: {'pretrained ' + config.vae.pretrained if config.vae.pretrained else 'done'}"
          f", held-out reconstruction PSNR {psnr:.2f} dB, SSIM {ssim:.4f} "
@@ -450,6 +453,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
         logging.warning("stage vae: not exported as a diffusers folder: %s", e)
     if config.flow.steps == 0:  # an autoencoder-only run (configs/vae_retina.py)
       results["params"] = {"vae": vae_params}
+      if is_main:
+        _write_results(workdir, {"vae reconstruction": {
+            **results["vae"], "ms_ssim": float(np.mean(per_crop["vae reconstruction"]["ms_ssim"]))}},
+            per_crop, len(val.highres), results["skipped"])
       return results
 
     # 5. Stage flow: the DiT with the frozen VAE (its params are a jit argument).
@@ -468,7 +475,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     def evaluate(dit_params, step: int, name: str | None):
       """Metrics vs bicubic; logged and drawn to eval/<name> unless name is None."""
       pred = np.asarray(progs.sampler(dit_params, frozen, val_lowres, jax.random.fold_in(key, 3)))
-      metrics = eval_lib.evaluate_sr(pred, val.lowres, val.highres, scale=config.data.scale)
+      per_image = eval_lib.evaluate_sr_per_image(pred, val.lowres, val.highres,
+                                                 scale=config.data.scale)
+      metrics = eval_lib.mean_metrics(per_image)
+      if name is None:
+        per_crop["base"] = per_image["model"]
+      else:
+        per_crop.update(per_image)
       # metrics = {"bicubic": {"psnr", "ssim", "ms_ssim"}, "model": {...}}
       if name is None:
         return metrics
@@ -480,6 +493,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
         results["grid"] = os.path.join(workdir, "eval", name)
         eval_lib.save_grid(results["grid"], val.lowres[:n], bicubic, pred[:n], val.highres[:n],
                            eval_lib.ssim_map_image(pred[:n], val.highres[:n]))
+        # Every held-out prediction (float32 in [-1, 1]), for figures comparing runs.
+        np.savez_compressed(results["grid"][:-len(".png")] + ".npz", pred=pred,
+                            lowres=val.lowres, highres=val.highres)
       return metrics
 
     every = config.eval_every or total
@@ -519,9 +535,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
               "fine-tuned model": rows["model"]}
     if is_main:
       export_lib.export_dit(dit_params, config, workdir)
-      with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"validation": {**rows, "vae reconstruction": results["vae"]},
-                   "num_val": len(val.highres), "skipped": results["skipped"]}, f, indent=2)
+      _write_results(workdir, {**rows, "vae reconstruction": results["vae"]}, per_crop,
+                     len(val.highres), results["skipped"])
       print(f"\nValidation, {len(val.highres)} held-out crops, x{config.data.scale} "
             f"super-resolution ({config.data.hr_size}px):")
       print(eval_lib.format_table({**rows,
@@ -534,6 +549,20 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     writer.close()
 
 
+def _write_results(workdir: str, validation: dict, per_crop: dict, num_val: int,
+                   skipped: dict) -> None:
+  """WORKDIR/results.json: mean metrics, and per held-out crop (for paired comparisons).
+
+  `per_crop` maps "bicubic" / "model" / "base" (the pretrained DiT before
+  fine-tuning) / "vae reconstruction" to `{metric: [num_val]}`, crop i being
+  the same held-out crop (and the same sampler noise) in every run.
+  """
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"validation": validation, "num_val": num_val, "skipped": skipped,
+               "per_crop": {k: {m: [float(x) for x in v] for m, v in row.items()}
+                            for k, row in per_crop.items()}}, f, indent=2)
+
+
 def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
                  compute_dtype, vae_dtype=None):
   """jitted `sample(dit_params, vae_params, lowres, key) -> images [-1,1]`: ODE from noise."""
@@ -542,7 +571,9 @@ def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
   def sample(dit_params, vae_params, lowres, key):
     dit = nnx.merge(dit_graphdef, step_lib.cast_floating(dit_params, compute_dtype))
     vae = nnx.merge(vae_graphdef, step_lib.cast_floating(vae_params, vae_dtype), vae_rest)
-    noise = jax.random.normal(key, (lowres.shape[0],) + tuple(latent_shape), jnp.float32)
+    # Crop i's noise depends on (key, i) only, not on how many crops are sampled.
+    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(latent_shape),
+                                                 jnp.float32))(jnp.arange(lowres.shape[0]))
 
     def velocity_fn(x, t, cond):
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
@@ -555,18 +586,16 @@ def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
 
 
 def make_recon(config, vae_graphdef, vae_rest, *, compute_dtype):
-  """jitted `recon(vae_params, images) -> (PSNR dB, SSIM)` of the VAE (posterior mean)."""
-  import ssim_jax  # pylint: disable=g-import-not-at-top
+  """jitted `recon(vae_params, images) -> reconstructions [-1, 1]` (posterior mean, clipped).
+
+  Metrics: `evaluate.image_metrics(recon, images)` (the SR metrics, per crop).
+  """
+  del config
 
   @jax.jit
   def recon(params, x):
     vae = nnx.merge(vae_graphdef, step_lib.cast_floating(params, compute_dtype), vae_rest)
     mean, _ = vae.encode(x.astype(compute_dtype))
-    rec = jnp.clip(vae.decode(mean).astype(jnp.float32), -1, 1)
-    x01, r01 = (x + 1) / 2, (rec + 1) / 2
-    mse = jnp.mean(jnp.square(x01 - r01), axis=(1, 2, 3))
-    psnr = jnp.mean(10 * jnp.log10(1.0 / mse))
-    return psnr, jnp.mean(ssim_jax.ssim(r01, x01, data_range=1.0,
-                                        window_size=config.ssim_window_size))
+    return jnp.clip(vae.decode(mean).astype(jnp.float32), -1, 1)
 
   return recon

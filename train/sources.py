@@ -17,6 +17,20 @@ key, uint8 / uint16 `[H, W, 3]`) and the rectangles crops may be cut from.
   counted in `stats` (with a warning naming them). With two or more images,
   whole files are held out for validation (every 10th file, at least one);
   with one image, the bottom band of rows is held out as for the retina.
+- DICOM (`dicom_source`, `data.source="dicom"`): a folder of `.dcm` files
+  (found recursively), e.g. MR or CT slices as a scanner or PACS exports
+  them. Each file's stored values (8-16 bit, signed or not) are mapped to
+  physical values with RescaleSlope / RescaleIntercept, then windowed to
+  [0, 1] (`data.dicom_window`: "header" uses the file's first WindowCenter /
+  WindowWidth and falls back to "percentile", the 0.5 - 99.5 % percentiles of
+  the slice), MONOCHROME1 inverted, kept as uint16 gray replicated to RGB.
+  Multi-frame files give one image per frame. Every slice holds out the band
+  of rows `[h / 2, h / 2 + val_fraction h)` (the middle, where the anatomy is;
+  the retina's bottom band would be background in an axial slice): training
+  crops lie entirely above or below it, validation crops inside it. Crops are
+  drawn where at least half of the crop is body (validation: 90 %), as for
+  the retina. Unreadable files, colour images and slices smaller than a crop
+  are skipped and counted, with a warning naming them.
 
 Memory: a folder whose decoded pixels fit in `data.cache_bytes` (1 GiB) is
 decoded once at start and held as uint8 / uint16. A larger folder (EyeQ, say)
@@ -418,3 +432,129 @@ def folder_source(root: str, size: int, val_fraction: float, extensions,
   return store, train, val
 
 
+
+
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+DICOM_WINDOWS = ("header", "percentile")
+
+
+def _first(value) -> float:
+  """A DICOM value that may be multi-valued (e.g. two windows): the first, as float."""
+  try:
+    return float(value[0])
+  except TypeError:
+    return float(value)
+
+
+def load_dicom(path: str, *, window: str = "header") -> list[np.ndarray]:
+  """Decodes one DICOM file to windowed uint16 `[H, W, 3]` images (one per frame).
+
+  Stored values -> RescaleSlope * v + RescaleIntercept (physical units, e.g.
+  Hounsfield for CT) -> window [c - w / 2, c + w / 2] -> [0, 65535], gray
+  replicated to three channels (the trainer's images are RGB).
+
+  Args:
+    path: a DICOM file.
+    window: "header" (the file's first WindowCenter / WindowWidth; the
+      percentiles when it has none) or "percentile" (0.5 - 99.5 % of each frame).
+
+  Raises:
+    ValueError: a colour (SamplesPerPixel > 1) or empty image, or a bad `window`;
+    pydicom's errors for files that are not DICOM or hold no pixel data.
+  """
+  if window not in DICOM_WINDOWS:
+    raise ValueError(f"data.dicom_window must be one of {DICOM_WINDOWS}, got {window!r}")
+  import pydicom  # pylint: disable=g-import-not-at-top
+
+  ds = pydicom.dcmread(path)
+  if int(ds.get("SamplesPerPixel", 1)) != 1:
+    raise ValueError(f"colour DICOM (SamplesPerPixel={ds.SamplesPerPixel}); only "
+                     "grayscale slices are supported")
+  raw = np.asarray(ds.pixel_array)
+  frames = raw if raw.ndim == 3 else raw[None]
+  if frames.ndim != 3 or frames.size == 0:
+    raise ValueError(f"unexpected pixel array shape {raw.shape}")
+  slope = float(ds.get("RescaleSlope", 1) or 1)
+  intercept = float(ds.get("RescaleIntercept", 0) or 0)
+  centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+  out = []
+  for frame in frames:
+    v = frame.astype(np.float64) * slope + intercept
+    if window == "header" and centre is not None and width is not None \
+        and _first(width) > 0:
+      lo = _first(centre) - _first(width) / 2
+      hi = lo + _first(width)
+    else:
+      lo, hi = np.percentile(v, [0.5, 99.5])
+      if hi <= lo:  # a constant slice
+        hi = lo + 1.0
+    x = np.clip((v - lo) / (hi - lo), 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+      x = 1.0 - x  # MONOCHROME1: low values are white
+    out.append(_to_rgb(np.round(x * 65535.0).astype(np.uint16)))
+  return out
+
+
+def _band_regions(key: int, img: np.ndarray, size: int, val_fraction: float):
+  """Training regions above / below the held-out middle band, and the band."""
+  h, w = img.shape[:2]
+  v0 = h // 2
+  v1 = min(h, v0 + max(size, int(round(val_fraction * h))))
+  train = [r for r in (make_region(key, img, 0, v0, w, size, _RETINA_MIN_FOREGROUND),
+                       make_region(key, img, v1, h, w, size, _RETINA_MIN_FOREGROUND))
+           if r is not None]
+  val = make_region(key, img, v0, v1, w, size, 0.9)
+  return train, val
+
+
+def dicom_source(root: str, size: int, val_fraction: float, stats: DataStats, *,
+                 window: str = "header"):
+  """(store, train regions, val regions) of a folder of DICOM slices (module docstring).
+
+  Raises:
+    ValueError naming `data.dir` when the folder is missing, holds no `.dcm`
+    file or no usable slice, `data.dicom_window` for a bad window mode.
+  """
+  if window not in DICOM_WINDOWS:
+    raise ValueError(f"data.dicom_window must be one of {DICOM_WINDOWS}, got {window!r}")
+  if not os.path.isdir(root):
+    raise ValueError(f"data.dir={root!r} is not a directory")
+  files = _list_files(root, DICOM_EXTENSIONS)
+  stats.files_found = len(files)
+  if not files:
+    raise ValueError(f"data.dir={root!r} contains no DICOM files with extensions "
+                     f"{DICOM_EXTENSIONS} (searched recursively)")
+  arrays, train, val = {}, [], []
+  for path in files:
+    try:
+      frames = load_dicom(path, window=window)
+    except Exception as e:  # pylint: disable=broad-except
+      stats.skipped.append((path, f"{type(e).__name__}: {e}"))
+      continue
+    used = False
+    for img in frames:
+      h, w = img.shape[:2]
+      if w < size or h // 2 < size or h - h // 2 < size:
+        # The band split leaves a crop's worth of rows above and inside it.
+        stats.skipped.append((path, f"a frame of {h}x{w} is too small for {size}x{size} "
+                              "crops above and inside the held-out band"))
+        continue
+      key = len(arrays)
+      t, v = _band_regions(key, img, size, val_fraction)
+      if not t or v is None:
+        stats.skipped.append((path, f"no room for {size}x{size} crops ({h}x{w})"))
+        continue
+      arrays[key] = img
+      train += t
+      val.append(v)
+      used = True
+    stats.files_read += int(used)
+  stats.files_skipped = len(stats.skipped)
+  if stats.skipped:
+    shown = "; ".join(f"{p} ({why})" for p, why in stats.skipped[:20])
+    logging.warning("data.dir=%r: skipped %d DICOM file(s) or frame(s): %s", root,
+                    stats.files_skipped, shown)
+  if not arrays:
+    raise ValueError(f"data.dir={root!r}: none of the {len(files)} DICOM files could be "
+                     f"used; first: {stats.skipped[0][0]} ({stats.skipped[0][1]})")
+  return ImageStore(arrays=arrays), train, val

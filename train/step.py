@@ -275,8 +275,13 @@ def make_vae_loss(config, vae_graphdef, vae_rest, *, compute_dtype):
     rec = model.decode(z.astype(compute_dtype)).astype(jnp.float32)
     rec = faults_lib.model_fault(rec, batch)  # identity unless config.faults.nan_model_steps
     l1 = jnp.mean(jnp.abs(rec - x))
-    ssim_l = ssim_jax.ssim_loss((rec + 1) / 2, (x + 1) / 2, data_range=1.0,
-                                window_size=config.ssim_window_size)
+    if vc.get("ssim_levels", 1) > 1:
+      from ssim_jax.ms_ssim import ms_ssim_loss  # pylint: disable=g-import-not-at-top
+      ssim_l = ms_ssim_loss((rec + 1) / 2, (x + 1) / 2, data_range=1.0,
+                            window_size=config.ssim_window_size, levels=vc.ssim_levels)
+    else:
+      ssim_l = ssim_jax.ssim_loss((rec + 1) / 2, (x + 1) / 2, data_range=1.0,
+                                  window_size=config.ssim_window_size)
     kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar,
                                 axis=(1, 2, 3)))
     total = vc.l1_weight * l1 + vc.ssim_weight * ssim_l + vc.kl_weight * kl
@@ -373,7 +378,8 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
           z0_pred, images, weights,
           lambda z: decode_latents(vae, z, compute_dtype=vae_dtype),
           chunk_size=config.chunk_size, pixel_loss=config.pixel_loss_type,
-          axis_name=AXIS, window_size=config.ssim_window_size)
+          axis_name=AXIS, window_size=config.ssim_window_size,
+          ms_ssim_levels=config.get("ssim_loss_levels", 1))
       ssim_l, pixel_l, mass = out.ssim, out.pixel, out.weight_mass
       grad_loss = grad_loss + pix_w * pixel_l + ssim_w * ssim_l
       glob = dict(pixel=pixel_l, pixel_weighted=pix_w * pixel_l, ssim=ssim_l,

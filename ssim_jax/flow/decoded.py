@@ -25,6 +25,7 @@ from ssim_jax import checks
 # Names, not the module: the package re-exports a function called `ssim`.
 from ssim_jax.flow.packing import PackedLayout
 from ssim_jax.flow.packing import _check_layout
+from ssim_jax.ms_ssim import ms_ssim
 from ssim_jax.ssim import SSIMSums
 from ssim_jax.ssim import loss_from_sums
 from ssim_jax.ssim import safe_ratio
@@ -74,7 +75,8 @@ def _erode(valid: jax.Array, r: int) -> jax.Array:
   return padded[:, r:, r:, :]
 
 
-def _chunk_losses(z, gt, w, valid, *, decode_fn, pixel_loss, ssim_kwargs):
+def _chunk_losses(z, gt, w, valid, *, decode_fn, pixel_loss, ssim_kwargs,
+                  ms_ssim_levels=1):
   """Decode + both losses for one chunk (the body under `jax.checkpoint`).
 
   Args:
@@ -117,6 +119,13 @@ def _chunk_losses(z, gt, w, valid, *, decode_fn, pixel_loss, ssim_kwargs):
       k = checks.effective_window(ssim_kwargs.get("window_size", 11),
                                   gt.shape[1], gt.shape[2])
       mask = _erode(valid, k // 2)
+  if ms_ssim_levels > 1:
+    # MS-SSIM is a product over scales, not a ratio of sums: each image counts
+    # with its weight alone (mass w_i), its valid pixels as the mask.
+    per_image = ms_ssim(pred01, gt01, mask=valid, levels=ms_ssim_levels, **ssim_kwargs)
+    parts = _Partials(jnp.sum(w * per_image), jnp.sum(w),
+                      jnp.sum(w * pixel_per_image), jnp.sum(w * count))
+    return parts, per_image
   sums = ssim_sums(pred01, gt01, mask=mask, **ssim_kwargs)
   per_image = safe_ratio(sums.weighted_sum, sums.mass)
   # The per-image weight multiplies the (already 0/1) SSIM mask: linear, so
@@ -141,7 +150,7 @@ def _zero_like_inputs(*arrays) -> jax.Array:
 
 
 def _chunked(z, gt, w, valid, *, decode_fn, chunk_size, remat, pixel_loss,
-             ssim_kwargs):
+             ssim_kwargs, ms_ssim_levels=1):
   """Sorted, chunked, rematerialised, skip-if-zero losses of one size group.
 
   Returns:
@@ -166,7 +175,8 @@ def _chunked(z, gt, w, valid, *, decode_fn, chunk_size, remat, pixel_loss,
 
   xs = (arrange(z), arrange(gt), arrange(w), arrange(valid))
   body = functools.partial(_chunk_losses, decode_fn=decode_fn,
-                           pixel_loss=pixel_loss, ssim_kwargs=ssim_kwargs)
+                           pixel_loss=pixel_loss, ssim_kwargs=ssim_kwargs,
+                           ms_ssim_levels=ms_ssim_levels)
   if remat:
     body = jax.checkpoint(body)
 
@@ -228,6 +238,7 @@ def decoded_losses(
     k2: float = 0.03,
     padding: str = "valid",
     filter_method: str = "auto",
+    ms_ssim_levels: int = 1,
 ) -> DecodedLosses:
   """SSIM and pixel losses of decoded latents, from one decode per image.
 
@@ -265,6 +276,10 @@ def decoded_losses(
     window_size, sigma, k1, k2, padding, filter_method: SSIM options (see
       `ssim_jax.ssim`); every valid image region should be at least
       `window_size` pixels wide (the window shrinks only for small batches).
+    ms_ssim_levels: 1 (SSIM) or the number of MS-SSIM scales (`ssim_jax.ms_ssim`
+      with the standard weights renormalised; images need a side >=
+      `(window_size - 1) 2^(levels - 1) + 1`): the SSIM term is then
+      `1 - sum_i w_i MS-SSIM_i / sum_i w_i` and `per_image_ssim` holds MS-SSIM.
 
   Returns:
     `DecodedLosses(ssim, pixel, weight_mass, per_image_ssim, decoded)`.
@@ -301,13 +316,16 @@ def decoded_losses(
   if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real):
     raise TypeError(f"data_range must be a Python float here (images are sorted "
                     f"and chunked), got {type(data_range).__name__}")
+  if isinstance(ms_ssim_levels, bool) or not isinstance(ms_ssim_levels, numbers.Integral) \
+      or ms_ssim_levels < 1:
+    raise ValueError(f"ms_ssim_levels must be an int >= 1, got {ms_ssim_levels!r}")
   ssim_kwargs = dict(data_range=data_range, window_size=window_size, sigma=sigma,
                      k1=k1, k2=k2, padding=padding, filter_method=filter_method)
   w = jnp.asarray(weights, jnp.float32)
   hw_img, hw_lat = tuple(images.shape[1:3]), tuple(z0_pred.shape[1:3])
   run = functools.partial(_chunked, decode_fn=decode_fn, chunk_size=int(chunk_size),
                           remat=remat, pixel_loss=pixel_loss,
-                          ssim_kwargs=ssim_kwargs)
+                          ssim_kwargs=ssim_kwargs, ms_ssim_levels=int(ms_ssim_levels))
   if layout is None:
     valid = _pixel_valid(valid_mask, n, hw_img, hw_lat)
     parts, per_image, decoded = run(z0_pred, images, w, valid)

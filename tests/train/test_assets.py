@@ -26,7 +26,7 @@ from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Documented in README.md (held-out crops of configs/default.py).
 VAE_PSNR, VAE_SSIM = 35.95, 0.9524
-BASE_PSNR, BASE_SSIM = 33.13, 0.8825
+BASE_PSNR, BASE_SSIM = 32.91, 0.8796  # per-crop sampler noise (fold_in(key, i))
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,10 @@ def test_shipped_vae_reconstructs_held_out_crops_above_bicubic(setup):
   assert (vae.channels, vae.latent_channels) == (tuple(config.vae.channels),
                                                  config.vae.latent_channels)
   graphdef, params, rest = loop.split_model(vae)
-  psnr, ssim = loop.make_recon(config, graphdef, rest, compute_dtype=jnp.float32)(
+  rec = loop.make_recon(config, graphdef, rest, compute_dtype=jnp.float32)(
       params, jnp.asarray(val.highres))
+  m = eval_lib.image_metrics(rec, val.highres)
+  psnr, ssim = np.mean(m["psnr"]), np.mean(m["ssim"])
   assert abs(float(psnr) - VAE_PSNR) < 0.05 and abs(float(ssim) - VAE_SSIM) < 5e-4
   # Not the cap of the task: above doing nothing clever, in both metrics.
   assert float(psnr) > bicubic["psnr"] + 2.0 and float(ssim) > bicubic["ssim"]

@@ -9,7 +9,7 @@ from train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILES = ("base", "default", "pixel_only", "ssim_only", "mixed", "tiny", "vae_retina", "mse_only",
-                "flow_retina_base", "pod")
+                "flow_retina_base", "pod", "study_fundus", "study_vae")
 
 
 def load(name):
@@ -96,6 +96,10 @@ BAD = [
     ({"eval_num_images": 100}, "eval_num_images", 8),
     ({"t_logit_std": 0.0}, "t_logit_std", 8),
     ({"seed": -1}, "seed", 8),
+    # 64 px with window 11 fits 3 MS-SSIM scales ((11 - 1) * 2^2 + 1 = 41), not 4 (81).
+    ({"ssim_loss_levels": 4}, "ssim_loss_levels", 8),
+    ({"ssim_loss_levels": 0}, "ssim_loss_levels", 8),
+    ({"vae.ssim_levels": 4}, "vae.ssim_levels", 8),
 ]
 
 

@@ -78,3 +78,49 @@ def test_bad_settings_name_the_field(fields, match):
 def test_blur_wider_than_the_crop_is_an_error():
   with pytest.raises(ValueError, match="data.blur_sigma"):
     deg.blur(np.zeros((1, 8, 8, 3)), 4.0)
+
+
+# ----------------------------------------------------------------------------
+# kind="mri": k-space truncation -> Rician noise.
+
+
+def test_kspace_truncation_keeps_low_frequencies_and_drops_high_ones():
+  n = 32
+  y, x = np.mgrid[0:n, 0:n]
+  low = 0.5 + 0.3 * np.cos(2 * np.pi * 2 * x / n)          # 2 cycles: inside 8 x 8 of k-space
+  high = 0.2 * np.cos(2 * np.pi * 10 * y / n)              # 10 cycles: outside (|k| > 4)
+  img = np.repeat((low + high)[None, ..., None], 3, axis=-1) * 2 - 1
+  lr = deg.degrade(img.astype(np.float32), deg.Degradation(scale=4, kind="mri"))
+  assert lr.shape == (1, 8, 8, 3)
+  yl, xl = np.mgrid[0:8, 0:8]
+  expect = (0.5 + 0.3 * np.cos(2 * np.pi * 2 * xl / 8)) * 2 - 1   # the high band is gone
+  np.testing.assert_allclose(lr[0, ..., 0], expect, atol=1e-5)
+  # Not the camera chain: area averaging keeps an alias of nothing here but
+  # keeps the low band attenuated (box filter), truncation keeps it exactly.
+  area = deg.degrade(img.astype(np.float32), deg.Degradation(scale=4))
+  assert np.abs(area[0, ..., 0] - expect).max() > 1e-2
+  # scale 1 is the identity.
+  one = deg.kspace_truncate(np.asarray(img)[..., :1], 1)
+  np.testing.assert_allclose(one.real, np.asarray(img)[..., :1], atol=1e-12)
+
+
+def test_rician_noise_is_biased_in_the_background_and_gaussian_in_tissue():
+  # Magnitude noise: mean sigma * sqrt(pi / 2) on a zero background, ~Gaussian
+  # with std sigma on bright tissue.
+  sigma = 6.0 / 255.0
+  d = deg.Degradation(scale=2, noise_level=6.0, kind="mri")
+  dark = deg.degrade(np.full((16, 32, 32, 3), -1.0, np.float32), d, _rngs(16))
+  m = (dark + 1) / 2
+  assert abs(m.mean() / (sigma * np.sqrt(np.pi / 2)) - 1) < 0.05
+  assert m.min() >= 0
+  bright = deg.degrade(np.full((16, 32, 32, 3), 0.2, np.float32), d, _rngs(16))
+  b = (bright + 1) / 2
+  assert abs(b.mean() - 0.6) < 2e-3 and abs(b.std() / sigma - 1) < 0.05
+  # Per-sample generators, as for the camera chain.
+  np.testing.assert_array_equal(deg.degrade(np.full((4, 32, 32, 3), 0.2, np.float32), d,
+                                            _rngs(16)[:4]), bright[:4])
+
+
+def test_bad_degradation_kind_names_the_field():
+  with pytest.raises(ValueError, match="data.degradation"):
+    deg.check(deg.Degradation(scale=4, kind="ct"))

@@ -94,6 +94,28 @@ def test_evaluate_sr_perfect_model_beats_bicubic():
   assert noisy["psnr"] < b["psnr"] and noisy["ssim"] < b["ssim"]
 
 
+def test_per_image_metrics_are_per_crop_and_average_to_evaluate_sr():
+  # Crop i's metrics do not depend on the other crops of the batch (paired
+  # comparisons of runs use them), and their means are evaluate_sr's table.
+  lowres, target = _images()
+  rng = np.random.default_rng(5)
+  pred = np.clip(target + 0.1 * rng.standard_normal(target.shape), -1, 1).astype(np.float32)
+  per = evaluate.evaluate_sr_per_image(pred, lowres, target, scale=4)
+  means = evaluate.evaluate_sr(pred, lowres, target, scale=4)
+  for method in ("bicubic", "model"):
+    for m in evaluate.METRICS:
+      assert per[method][m].shape == (len(target),)
+      assert means[method][m] == pytest.approx(per[method][m].mean(), rel=1e-6)
+  one = evaluate.evaluate_sr_per_image(pred[1:2], lowres[1:2], target[1:2], scale=4)
+  for m in evaluate.METRICS:
+    assert one["model"][m][0] == pytest.approx(per["model"][m][1], rel=1e-5)
+  # image_metrics: the same numbers for any pair of images.
+  im = evaluate.image_metrics(pred, target)
+  for m in evaluate.METRICS:
+    np.testing.assert_allclose(im[m], per["model"][m], rtol=1e-6)
+  assert len(set(np.round(per["model"]["ssim"], 6))) > 1  # not a broadcast mean
+
+
 def test_evaluate_sr_shape_mismatch():
   lowres, target = _images()
   with pytest.raises(ValueError, match="lowres"):

@@ -33,8 +33,32 @@ def reference_run(tmp_path_factory):
   return workdir, results
 
 
+def test_sampler_noise_of_a_crop_depends_on_the_key_and_its_index_only():
+  # Runs with another number of held-out crops sample crop i from the same noise.
+  cfg = tiny.get_config()
+  (vg, vp, vr), (dg, dp, _) = loop.build_models(cfg)
+  down = 2 ** (len(cfg.vae.channels) - 1)
+  lat = (cfg.data.hr_size // down, cfg.data.hr_size // down, cfg.vae.latent_channels)
+  sample = loop.make_sampler(cfg, dg, vg, vr, lat, compute_dtype=jnp.float32)
+  lr = cfg.data.hr_size // cfg.data.scale
+  lowres = jax.random.uniform(jax.random.PRNGKey(1), (4, lr, lr, 3), minval=-1, maxval=1)
+  key = jax.random.PRNGKey(7)
+  full = np.asarray(sample(dp, vp, lowres, key))
+  np.testing.assert_allclose(np.asarray(sample(dp, vp, lowres[:2], key)), full[:2], atol=1e-6)
+  assert not np.allclose(full[0], full[1])
+
+
 def test_end_to_end_writes_checkpoints_events_and_grid(reference_run):
   workdir, results = reference_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  n = saved["num_val"]
+  for method in ("bicubic", "model", "vae reconstruction"):
+    assert {m: len(v) for m, v in saved["per_crop"][method].items()} == {
+        "psnr": n, "ssim": n, "ms_ssim": n}
+  np.testing.assert_allclose(np.mean(saved["per_crop"]["model"]["ssim"]),
+                             results["flow"]["model"]["ssim"], rtol=1e-5)
+  assert np.load(os.path.join(workdir, "eval", "final.npz"))["pred"].shape[0] == n
   assert not results["preempted"]
   assert set(results["flow"]) == {"bicubic", "model"}
   for method in ("bicubic", "model"):

@@ -321,6 +321,32 @@ def test_debug_print_only_traced_when_enabled(monkeypatch, capfd):
   assert "image 1: t=0.6000 weight=0.0000 ssim=0.0000 decoded=False" in printed
 
 
+def test_ms_ssim_term_is_weighted_mean_of_per_image_ms_ssim():
+  # ms_ssim_levels=L: the SSIM term is 1 - sum w_i MS-SSIM_i / sum w_i, from
+  # the same single decode; gradients finite; zero-weight images ignored.
+  from ssim_jax.ms_ssim import ms_ssim
+  params, decode = make_conv_decoder()
+  dec = functools.partial(decode, params)
+  z = jax.random.normal(_key(3), (4, 8, 8, C_LAT))
+  images = _images(4, 32, 32, seed=4)
+  w = jnp.array([1.0, 0.5, 0.0, 0.25])
+
+  def loss(z):
+    out = flow.decoded_losses(z, images, w, dec, window_size=WIN, chunk_size=2,
+                              ms_ssim_levels=2)
+    return out.ssim, out
+  (value, out), grad = jax.value_and_grad(loss, has_aux=True)(z)
+  per = ms_ssim(dec(z) * 0.5 + 0.5, images * 0.5 + 0.5, window_size=WIN, levels=2)
+  np.testing.assert_allclose(value, 1.0 - jnp.sum(w * per) / jnp.sum(w), rtol=1e-5)
+  np.testing.assert_allclose(out.per_image_ssim[w > 0], per[w > 0], rtol=1e-5)
+  # Not the single-scale SSIM term.
+  single = flow.decoded_losses(z, images, w, dec, window_size=WIN).ssim
+  assert abs(float(single) - float(value)) > 1e-3
+  assert _finite(grad) and float(jnp.abs(grad[2]).max()) == 0.0
+  with pytest.raises(ValueError, match="ms_ssim_levels"):
+    flow.decoded_losses(z, images, w, dec, window_size=WIN, ms_ssim_levels=0)
+
+
 def test_decoded_losses_argument_errors():
   params, decode = make_local_decoder()
   dec = functools.partial(decode, params)
