@@ -40,8 +40,15 @@ FLUX layout, same shapes; `python scripts/memory_plan.py
 
 The whole-model gather that this replaced needed 27.8 GiB of temporaries per
 chip for this model at fsdp 64 and did not compile for v5e:16x16 at all
-(25.66 G of temporaries above 15.75 G of HBM). Largest per-chip batch: see
-README "Pod scale" (the larger batches were compiled last).
+(25.66 G of temporaries above 15.75 G of HBM).
+
+Largest per-chip batch. Compiled: 4 images per chip on v5e:16x16
+(--config.batch_size=1024): peak ~3.22 GiB (temporaries 3.15 GiB, 956 s wall,
+467 s CPU); 32 per chip on v5p:2x2x2 (--config.batch_size=256): peak ~28.40
+GiB (temporaries 29.09 GiB, 817 s wall, 358 s CPU). Each further image costs
+~0.33 GiB (v5e) / ~0.48 GiB (v5p), so about 30 images per chip would stay
+under 12 GiB on v5e and about 100 under 64 GiB on v5p (~170 under 95 GiB):
+linear extrapolations, not compiled.
 """
 
 from configs import pod
