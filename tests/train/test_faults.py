@@ -121,7 +121,9 @@ def killed_and_resumed(tmp_path_factory, cache_dir):
   seed = int(os.environ.get("SSIM_JAX_FAULT_SEED", random.randrange(1 << 30)))
   kill = random.Random(seed).randint(2, V + F - 1)
   workdir = str(tmp_path_factory.mktemp("killed"))
-  cmd = [*COMMON, "--config.ckpt_every=2", f"--config.faults.kill_at_step={kill}"]
+  # --verbosity=0: the restore is logged at INFO, which the CLI hides by default.
+  cmd = [*COMMON, "--config.ckpt_every=2", f"--config.faults.kill_at_step={kill}",
+         "--verbosity=0"]
   rc, _, err = _cli(workdir, *cmd, cache_dir=cache_dir)
   info = f"kill_at_step={kill} (SSIM_JAX_FAULT_SEED={seed})"
   assert rc == -9, f"{info}: expected SIGKILL, got rc={rc}\n{err[-3000:]}"
