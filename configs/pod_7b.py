@@ -30,13 +30,14 @@ FLUX layout, same shapes; `python scripts/memory_plan.py
   --config.mesh.fsdp=256 (1 image per chip):
     per device 98.41 MiB params + 196.82 MiB optimizer state, step arguments
     632.92 MiB, outputs 309.95 MiB, temporaries 2.12 GiB; peak ~2.24 GiB of
-    16.00 GiB; 6.53 B parameters. Compile: 2203 s wall with the machine at
-    load 4-10 (430 s of CPU time).
+    16.00 GiB; 6.53 B parameters. Compile: 194 s on the quiet 2-core machine
+    (3 min 16 s for the command; 2203 s wall when the machine was shared).
   v5p:2x2x2 (one 8-chip host, 95 GiB each), --config.batch_size=16
   --config.mesh.fsdp=8 (2 images per chip):
     per device 3.04 GiB params + 6.08 GiB optimizer state, step arguments
     9.44 GiB, outputs 9.12 GiB, temporaries 6.17 GiB; peak ~13.90 GiB of
-    95.00 GiB. Compile: 700 s wall at load 2-5 (338 s of CPU time).
+    95.00 GiB. Compile: 203 s on the quiet machine (3 min 26 s for the
+    command; 700 s wall when shared).
 
 The whole-model gather that this replaced needed 27.8 GiB of temporaries per
 chip for this model at fsdp 64 and did not compile for v5e:16x16 at all
