@@ -324,6 +324,23 @@ def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
   return sorted(out)
 
 
+def _folder_files(root: str, extensions: Sequence[str], stats: "DataStats", *,
+                  kind: str) -> list[str]:
+  """The files of folder `root` (data.dir) with `extensions`, counted in `stats`.
+
+  Raises:
+    ValueError naming `data.dir` when it is not a directory or holds no such file.
+  """
+  if not os.path.isdir(root):
+    raise ValueError(f"data.dir={root!r} is not a directory")
+  files = _list_files(root, extensions)
+  stats.files_found = len(files)
+  if not files:
+    raise ValueError(f"data.dir={root!r} contains no {kind} files with extensions "
+                     f"{tuple(extensions)} (searched recursively)")
+  return files
+
+
 def _png_loses_bits(path: str) -> bool:
   """True for a 16-bit colour (or gray + alpha) PNG: Pillow decodes it to 8 bits."""
   if not path.lower().endswith(".png"):
@@ -357,13 +374,7 @@ def _read_header(path: str) -> tuple[int, int, int]:
 def folder_source(root: str, size: int, val_fraction: float, extensions,
                    cache_bytes: int, stats: DataStats):
   """(store, train regions, val regions) of a folder of images."""
-  if not os.path.isdir(root):
-    raise ValueError(f"data.dir={root!r} is not a directory")
-  files = _list_files(root, extensions)
-  stats.files_found = len(files)
-  if not files:
-    raise ValueError(f"data.dir={root!r} contains no image files with extensions "
-                     f"{tuple(extensions)} (searched recursively)")
+  files = _folder_files(root, extensions, stats, kind="image")
   # Headers only: cheap, and the same answer in every process.
   paths, shapes = [], []
   for path in files:
@@ -517,13 +528,7 @@ def dicom_source(root: str, size: int, val_fraction: float, stats: DataStats, *,
   """
   if window not in DICOM_WINDOWS:
     raise ValueError(f"data.dicom_window must be one of {DICOM_WINDOWS}, got {window!r}")
-  if not os.path.isdir(root):
-    raise ValueError(f"data.dir={root!r} is not a directory")
-  files = _list_files(root, DICOM_EXTENSIONS)
-  stats.files_found = len(files)
-  if not files:
-    raise ValueError(f"data.dir={root!r} contains no DICOM files with extensions "
-                     f"{DICOM_EXTENSIONS} (searched recursively)")
+  files = _folder_files(root, DICOM_EXTENSIONS, stats, kind="DICOM")
   arrays, train, val = {}, [], []
   for path in files:
     try:
