@@ -55,7 +55,8 @@ def main(argv):
                        state0, shardings)
   lowered = progs.flow_step.lower(state, {"lowres": image(hr // cfg.data.scale),
                                           "highres": image(hr)},
-                                  rep(progs.vae[1]), rep(jax.random.PRNGKey(0)))
+                                  rep({"vae": progs.vae[1], "model": progs.model_inputs}),
+                                  rep(jax.random.PRNGKey(0)))
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()

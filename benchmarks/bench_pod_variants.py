@@ -50,16 +50,17 @@ def main(argv):
   devices = memory.topology_devices(_TOPOLOGY.value)
   mesh = sharding.make_mesh(fsdp=cfg.mesh.fsdp, devices=devices)
   progs = loop.build_programs(cfg, mesh, abstract=True)
-  dit_def = progs.dit[0]
+  dit_def = progs.model[0]
   vae_def, _, vae_rest = progs.vae
   bf16 = jnp.bfloat16
 
-  def velocity_mse(params, batch, vae_params, prepare_block):
-    vae = nnx.merge(vae_def, step_lib.cast_floating(vae_params, bf16), vae_rest)
+  def velocity_mse(params, batch, frozen, prepare_block):
+    vae = nnx.merge(vae_def, step_lib.cast_floating(frozen["vae"], bf16), vae_rest)
     z0 = step_lib.encode_latents(vae, batch["highres"], compute_dtype=bf16)
     x_t = flow.interpolate(z0, batch["noise"], batch["t"])
     dit = nnx.merge(dit_def, step_lib.cast_floating(params, bf16))
-    v = dit(x_t.astype(bf16), batch["t"], batch["lowres"], prepare_block=prepare_block)
+    v = dit(x_t.astype(bf16), batch["t"], batch["lowres"],
+            prepare_block=(prepare_block or {}).get("blocks"))
     return jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(z0, batch["noise"])))
 
   tx = progs.flow_tx
@@ -98,7 +99,7 @@ def main(argv):
   state = abstract(progs.flow_state0, state_sh)
   frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
                                                        sharding=sharding.replicated(mesh)),
-                        progs.vae[1])
+                        {"vae": progs.vae[1], "model": progs.model_inputs})
   key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
   t0 = time.perf_counter()
   compiled = train_step.lower(state, batch, frozen, key).compile()

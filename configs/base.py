@@ -51,9 +51,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.ssim_loss_levels = 1
   # Images decoded per chunk for the pixel/SSIM losses (bounds activation memory).
   c.chunk_size = 2
-  # Timestep distribution: t = sigmoid(N(0, 1) * scale + shift) ("logit-normal").
+  # Training flow times: "logit_normal" t = sigmoid(N(t_logit_mean, t_logit_std))
+  # | "uniform" t ~ U(0, 1) (diffusers' FLUX scripts: weighting_scheme
+  # logit_normal / none).
+  c.t_sampling = "logit_normal"
   c.t_logit_mean = 0.0
   c.t_logit_std = 1.0
+  # "none" | "resolution": FLUX's shift t -> e^mu t / (e^mu t + 1 - t) of the
+  # training times and of the sampler's grid, mu linear in the image's token
+  # count from base_shift (at base_image_seq_len tokens) to max_shift (at
+  # max_image_seq_len); a FLUX pipeline folder's scheduler config overrides these.
+  c.t_shift = "none"
+  c.shift = ml_collections.ConfigDict()
+  c.shift.base_shift = 0.5
+  c.shift.max_shift = 1.15
+  c.shift.base_image_seq_len = 256
+  c.shift.max_image_seq_len = 4096
 
   # --- Data (train/sources.py: images; train/input_pipeline.py: crops -> batches, on grain).
   c.data = ml_collections.ConfigDict()
@@ -96,7 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.vae.ssim_levels = 1  # 1: SSIM; L > 1: MS-SSIM over L scales (as ssim_loss_levels)
   c.vae.kl_weight = 1e-6
 
-  # --- Velocity model (train/models/dit.py) and its stage.
+  # --- Velocity model of the flow stage (train/velocity.py): "dit" (the small
+  # DiT below) | "flux" (FLUX.1 from a diffusers folder, `flux.*`).
+  c.model = "dit"
   c.dit = ml_collections.ConfigDict()
   c.dit.patch_size = 2
   c.dit.hidden_size = 128
@@ -110,6 +125,33 @@ def get_config() -> ml_collections.ConfigDict:
   # A base model folder (`dit.save_pretrained`; a run writes one to
   # WORKDIR/export/dit) to fine-tune from; "" trains the DiT from scratch.
   c.dit.pretrained = ""
+  # FLUX.1 (train/models/flux.py), used when model == "flux".
+  c.flux = ml_collections.ConfigDict()
+  # A diffusers FLUX.1 [dev] / [schnell] / Kontext [dev] pipeline folder (its
+  # transformer/ is read) or transformer folder: the architecture comes from its
+  # config.json and the weights from its safetensors. "": a random FLUX of the
+  # architecture below (tests; memory plans need only the shapes).
+  c.flux.pretrained = ""
+  c.flux.param_dtype = "float32"  # master weights: float32 | bfloat16
+  c.flux.remat = "full"  # per-block rematerialisation, as dit.remat
+  # The guidance input of [dev] / Kontext (guidance_embeds=True), e.g. 3.5;
+  # None for [schnell] (checked against the checkpoint).
+  c.flux.guidance = ml_collections.config_dict.placeholder(float)
+  c.flux.guidance = 3.5
+  # safetensors with `prompt_embeds [L, joint_attention_dim]` and
+  # `pooled_prompt_embeds [pooled_projection_dim]` (scripts/encode_prompt.py).
+  # "": zero embeddings of prompt_length tokens.
+  c.flux.prompt_embeds = ""
+  c.flux.prompt_length = 512
+  # Architecture without flux.pretrained (FLUX.1's; in_channels = 4 x vae.latent_channels).
+  c.flux.num_layers = 19
+  c.flux.num_single_layers = 38
+  c.flux.attention_head_dim = 128
+  c.flux.num_attention_heads = 24
+  c.flux.joint_attention_dim = 4096
+  c.flux.pooled_projection_dim = 768
+  c.flux.guidance_embeds = True
+  c.flux.axes_dims_rope = (16, 56, 56)
   c.flow = ml_collections.ConfigDict()
   c.flow.steps = 5000
   c.flow.learning_rate = 3e-4

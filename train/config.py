@@ -11,6 +11,9 @@ from __future__ import annotations
 import ml_collections
 
 PRECISIONS = ("float32", "bfloat16")
+MODELS = ("dit", "flux")  # train/velocity.py
+T_SAMPLINGS = ("logit_normal", "uniform")
+T_SHIFTS = ("none", "resolution")
 PIXEL_LOSS_TYPES = ("l1", "l2")
 SCHEDULES = ("cosine", "constant")
 
@@ -94,6 +97,22 @@ def _check_pretrained_vae(config, down: int) -> None:
           f"{kw['out_channels']}; the trainer's images are RGB (3)")
 
 
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config a run uses: a copy with the decisions that follow from other fields made.
+
+  - `model='flux'` with `flux.pretrained` a diffusers pipeline folder that has
+    a `vae/` and no `vae.pretrained`: the VAE is the pipeline's (FLUX's latent
+    space is its VAE's), so `vae.pretrained` becomes that folder.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy, references resolved
+  if (config.get("model", "dit") == "flux" and not config.vae.pretrained
+      and isinstance(config.flux.pretrained, str) and config.flux.pretrained
+      and os.path.isfile(os.path.join(config.flux.pretrained, "vae", "config.json"))):
+    config.vae.pretrained = config.flux.pretrained
+  return config
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   """Checks a trainer config; raises `ConfigError` (a ValueError) naming the field.
 
@@ -139,8 +158,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   if win % 2 == 0:
     _fail("ssim_window_size", f"must be odd (a centred Gaussian window), got {win}")
   _int(config, "chunk_size", minimum=1)
+  _choice(config, "t_sampling", T_SAMPLINGS)
   _float(config, "t_logit_mean")
   _float(config, "t_logit_std", strictly_positive=True)
+  if _choice(config, "t_shift", T_SHIFTS) == "resolution":
+    for field in ("shift.base_shift", "shift.max_shift"):
+      _float(config, field)
+    base = _int(config, "shift.base_image_seq_len", minimum=1)
+    top = _int(config, "shift.max_image_seq_len", minimum=1)
+    if top <= base:
+      _fail("shift.max_image_seq_len", f"{top} must exceed shift.base_image_seq_len={base}")
 
   # Data geometry.
   hr = _int(config, "data.hr_size", minimum=2)
@@ -198,21 +225,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
   if hr % down:
     _fail("vae.channels", f"{len(chans)} levels downsample by {down}, which does not "
           f"divide data.hr_size={hr}")
-  p = _int(config, "dit.patch_size", minimum=1)
-  if (hr // down) % p:
-    _fail("dit.patch_size", f"{p} does not divide the latent size {hr // down} "
-          f"(data.hr_size={hr} / VAE downsampling {down})")
-  hidden = _int(config, "dit.hidden_size", minimum=1)
-  heads = _int(config, "dit.num_heads", minimum=1)
-  if hidden % heads:
-    _fail("dit.num_heads", f"{heads} does not divide dit.hidden_size={hidden}")
-  if hidden % 4:
-    _fail("dit.hidden_size", f"must be a multiple of 4 (sinusoidal embeddings), got {hidden}")
-  _int(config, "dit.depth", minimum=1)
-  _int(config, "dit.mlp_ratio", minimum=1)
-  from train.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
-  _choice(config, "dit.remat", dit_lib.REMAT_POLICIES)
-  _check_pretrained_dit(config)
+  if _choice(config, "model", MODELS) == "flux":
+    _check_flux(config, latent=hr // down)
+  else:
+    _check_dit(config, latent=hr // down)
   _int(config, "flow.steps", minimum=0)
   _float(config, "flow.learning_rate", strictly_positive=True)
   _int(config, "flow.warmup_steps", minimum=0)
@@ -253,6 +269,83 @@ def _check_faults(config) -> None:
   if isinstance(k, bool) or not isinstance(k, int) or k < 0:
     raise ConfigError(
         f"config.faults.kill_at_step: must be an int >= 0 (0 = off), got {k!r}")
+
+
+def _check_dit(config, *, latent: int) -> None:
+  """The DiT's fields (model == 'dit')."""
+  p = _int(config, "dit.patch_size", minimum=1)
+  if latent % p:
+    _fail("dit.patch_size", f"{p} does not divide the latent size {latent} "
+          f"(data.hr_size={config.data.hr_size} / VAE downsampling)")
+  hidden = _int(config, "dit.hidden_size", minimum=1)
+  heads = _int(config, "dit.num_heads", minimum=1)
+  if hidden % heads:
+    _fail("dit.num_heads", f"{heads} does not divide dit.hidden_size={hidden}")
+  if hidden % 4:
+    _fail("dit.hidden_size", f"must be a multiple of 4 (sinusoidal embeddings), got {hidden}")
+  _int(config, "dit.depth", minimum=1)
+  _int(config, "dit.mlp_ratio", minimum=1)
+  from train.models import stacking  # pylint: disable=g-import-not-at-top
+  _choice(config, "dit.remat", stacking.REMAT_POLICIES)
+  _check_pretrained_dit(config)
+
+
+def _check_flux(config, *, latent: int) -> None:
+  """FLUX's fields (model == 'flux'): the checkpoint's config against the run's.
+
+  Reads config.json (and the prompt file) only, no weights.
+  """
+  from train import velocity  # pylint: disable=g-import-not-at-top
+  from train.models import stacking  # pylint: disable=g-import-not-at-top
+  path = _get(config, "flux.pretrained")
+  if not isinstance(path, str):
+    _fail("flux.pretrained", f"must be a folder path string ('' for random weights), got {path!r}")
+  _choice(config, "flux.remat", stacking.REMAT_POLICIES)
+  _choice(config, "flux.param_dtype", tuple(velocity.PARAM_DTYPES))
+  _int(config, "flux.prompt_length", minimum=1)
+  if not isinstance(_get(config, "flux.prompt_embeds"), str):
+    _fail("flux.prompt_embeds", "must be a path string ('' for zero embeddings)")
+  try:
+    arch = velocity.flux_architecture(config)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  src = f"the FLUX transformer in flux.pretrained={path!r}" if path else "config.flux"
+  if arch.in_channels != velocity.FLUX_PATCH ** 2 * config.vae.latent_channels:
+    _fail("vae.latent_channels", f"is {config.vae.latent_channels}, so FLUX's 2x2 latent "
+          f"patches have {4 * config.vae.latent_channels} values, but {src} has in_channels="
+          f"{arch.in_channels}: use the VAE it was trained with "
+          f"({arch.in_channels // 4} latent channels)")
+  if arch.patch_size != 1 or arch.output_channels != arch.in_channels:
+    _fail("flux.pretrained", f"{src} has patch_size={arch.patch_size}, out_channels="
+          f"{arch.out_channels}; FLUX.1's layout (patch_size 1, out_channels = in_channels) "
+          "is what the trainer packs latents for")
+  if latent % velocity.FLUX_PATCH:
+    _fail("data.hr_size", f"{config.data.hr_size} gives latents of {latent} pixels, not "
+          "divisible by FLUX's 2x2 patches")
+  guidance = _get(config, "flux.guidance")
+  if guidance is not None:
+    guidance = _float(config, "flux.guidance", strictly_positive=True)
+  if arch.guidance_embeds and guidance is None:
+    _fail("flux.guidance", f"is None but {src} has guidance_embeds=True (FLUX.1 [dev], "
+          "Kontext): set --config.flux.guidance=3.5")
+  if not arch.guidance_embeds and guidance is not None:
+    _fail("flux.guidance", f"is {guidance} but {src} has guidance_embeds=False (FLUX.1 "
+          "[schnell]): set --config.flux.guidance=None")
+  if config.flux.prompt_embeds:
+    try:
+      emb = velocity.read_prompt_embeds(config.flux.prompt_embeds)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
+    if emb["prompt_embeds"].shape[1] != arch.joint_attention_dim:
+      _fail("flux.prompt_embeds", f"prompt_embeds has width {emb['prompt_embeds'].shape[1]} "
+            f"but {src} has joint_attention_dim={arch.joint_attention_dim}")
+    if emb["pooled_prompt_embeds"].shape[0] != arch.pooled_projection_dim:
+      _fail("flux.prompt_embeds", f"pooled_prompt_embeds has {emb['pooled_prompt_embeds'].shape[0]}"
+            f" values but {src} has pooled_projection_dim={arch.pooled_projection_dim}")
+    if emb["prompt_embeds"].shape[0] != config.flux.prompt_length:
+      _fail("flux.prompt_length", f"is {config.flux.prompt_length} but flux.prompt_embeds "
+            f"holds {emb['prompt_embeds'].shape[0]} tokens; set "
+            f"--config.flux.prompt_length={emb['prompt_embeds'].shape[0]}")
 
 
 def _check_pretrained_dit(config) -> None:

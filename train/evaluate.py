@@ -43,7 +43,7 @@ METRICS = ("psnr", "ssim", "ms_ssim")
 
 def ode_sample(velocity_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
                noise: jax.Array, cond: Any, *, num_steps: int,
-               method: str = "euler") -> jax.Array:
+               method: str = "euler", times=None) -> jax.Array:
   """Integrates dx/dt = v(x, t, cond) from t = 1 (noise) to t = 0 (clean).
 
   Args:
@@ -52,8 +52,10 @@ def ode_sample(velocity_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
       function (with `num_steps` and `method` static) to compile it once.
     noise: `[B, ...]` float, the sample at t = 1.
     cond: conditioning pytree passed through unchanged.
-    num_steps: number of uniform steps (>= 1).
+    num_steps: number of steps (>= 1).
     method: "euler" (one evaluation per step) or "heun" (two; second order).
+    times: optional time grid `[num_steps + 1]` from 1 down to 0 (e.g.
+      FLUX's shifted schedule, `step.sample_times`); None: uniform steps.
 
   Returns:
     `[B, ...]` the sample at t = 0, dtype of `noise`. Exact for a velocity
@@ -65,14 +67,26 @@ def ode_sample(velocity_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
     raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
   chex.assert_rank(noise, {2, 3, 4, 5})
   b = noise.shape[0]
-  dt = 1.0 / num_steps
+  if times is not None:
+    times = np.asarray(times, np.float32)
+    if times.shape != (num_steps + 1,) or np.any(np.diff(times) >= 0):
+      raise ValueError(f"times must be a decreasing grid of num_steps + 1 = {num_steps + 1} "
+                       f"values, got shape {times.shape}")
+    grid = jnp.asarray(times)
+
+  def step_times(k):
+    """(t, t_next, dt) of step k."""
+    if times is None:  # uniform: t = 1 - k / num_steps
+      dt = 1.0 / num_steps
+      t = 1.0 - k.astype(jnp.float32) * dt
+      return t, t - dt, dt
+    return grid[k], grid[k + 1], grid[k] - grid[k + 1]
 
   def v_at(x, t):
     return velocity_fn(x, jnp.full((b,), t, jnp.float32), cond).astype(x.dtype)
 
   def body(k, x):
-    t = 1.0 - k.astype(jnp.float32) * dt
-    t_next = t - dt
+    t, t_next, dt = step_times(k)
     v = v_at(x, t)
     x_euler = x - dt * v
     if method == "euler":

@@ -1,12 +1,14 @@
-"""What a run leaves for others to load: `WORKDIR/export/{vae,dit}`.
+"""What a run leaves for others to load: `WORKDIR/export/vae` (here) and the velocity model's.
 
 - `export/vae/`: a VAE trained in the run's `vae` stage, as a diffusers
   AutoencoderKL folder (`vae.save_diffusers`), with the latent `shift_factor`
   and `scaling_factor` measured on training crops so that scaled latents have
   mean 0 and std 1 (the diffusers convention `(z - shift) * scale`, as the
   SD3 / FLUX VAEs ship). `--config.vae.pretrained=WORKDIR/export/vae` reuses it.
-- `export/dit/`: the final velocity model (`dit.save_pretrained`);
-  `--config.dit.pretrained=WORKDIR/export/dit` fine-tunes from it.
+- the final velocity model, written by its `VelocityModel.export`
+  (train/velocity.py): `export/dit/` (`dit.save_pretrained`;
+  `--config.dit.pretrained=WORKDIR/export/dit` fine-tunes from it) or
+  `export/transformer/` (FLUX: a diffusers `FluxTransformer2DModel` folder).
 
 Both are written by process 0 at the end of their stage.
 """
@@ -21,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.models import dit as dit_lib
 from train.models import vae as vae_lib
 
 # Training crops the latent statistics are measured on.
@@ -53,12 +54,3 @@ def export_vae(vae: vae_lib.VAE, images: Iterable[np.ndarray], workdir: str) -> 
   mean, std = latent_statistics(vae, images)
   vae.shift_factor, vae.scaling_factor = float(mean), float(1.0 / std)
   return vae_lib.save_diffusers(vae, os.path.join(workdir, "export", "vae"))
-
-
-def export_dit(params, config, workdir: str) -> str:
-  """Writes `WORKDIR/export/dit` (the DiT of `config`); returns the folder."""
-  folder = os.path.join(workdir, "export", "dit")
-  dit_lib.save_pretrained(jax.device_get(params), folder, model_config={
-      "latent_channels": config.vae.latent_channels,
-      **{k: config.dit[k] for k in dit_lib.CONFIG_FIELDS if k != "latent_channels"}})
-  return folder

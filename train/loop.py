@@ -37,8 +37,8 @@ from train import memory as memory_lib
 from train import pretrained as pretrained_lib
 from train import sharding as sharding_lib
 from train import step as step_lib
+from train import velocity as velocity_lib
 from train import writer as writer_lib
-from train.models import dit as dit_lib
 from train.models import vae as vae_lib
 
 STAGES = ("vae", "flow")
@@ -48,17 +48,7 @@ class TooManySkipsError(RuntimeError):
   """The run stopped after `config.max_consecutive_skips` non-finite steps in a row."""
 
 
-def _str_keys(tree):
-  """Pure-dict params with str keys (orbax-friendly; nnx.merge accepts them)."""
-  if isinstance(tree, dict):
-    return {str(k): _str_keys(v) for k, v in tree.items()}
-  return tree
-
-
-def split_model(model: nnx.Module):
-  """`(graphdef, params, rest)`: params = nnx.Param leaves, rest = other state."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, _str_keys(params.to_pure_dict()), _str_keys(rest.to_pure_dict())
+split_model = velocity_lib.split_model
 
 
 def make_optimizer(config, stage_config, num_steps: int):
@@ -78,25 +68,6 @@ def make_optimizer(config, stage_config, num_steps: int):
   return optax.chain(*parts), schedule
 
 
-def _init_split(make_model, *, abstract: bool = False):
-  """`(graphdef, params, rest)` of `make_model()`, initialised in ONE jitted call.
-
-  Eager NNX initialisation dispatches (and on CPU compiles) every initialiser
-  op separately, which costs tens of seconds on a busy 2-core machine; the
-  graph structure comes from `nnx.eval_shape` (no FLOPs). `abstract`: params
-  and rest as `jax.ShapeDtypeStruct`s (nothing allocated; memory planning).
-  """
-  graphdef, _, _ = nnx.split(nnx.eval_shape(make_model), nnx.Param, ...)
-
-  @jax.jit
-  def init():
-    _, params, rest = nnx.split(make_model(), nnx.Param, ...)
-    return _str_keys(params.to_pure_dict()), _str_keys(rest.to_pure_dict())
-
-  params, rest = jax.eval_shape(init) if abstract else init()
-  return graphdef, params, rest
-
-
 def _load_pretrained_vae(config, dtype):
   """`(graphdef, params, rest)` of `config.vae.pretrained` (None when it is '')."""
   if not config.vae.pretrained:
@@ -104,35 +75,29 @@ def _load_pretrained_vae(config, dtype):
   return split_model(vae_lib.from_diffusers(config.vae.pretrained, dtype=dtype))
 
 
-def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False):
-  """`((vae graphdef, params, rest), (dit graphdef, params, rest))`, from config.seed.
+def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False, mesh=None):
+  """`((vae graphdef, params, rest), (model graphdef, params, rest))`, from config.seed.
 
   With `config.vae.pretrained` the VAE is loaded from that diffusers folder
-  in `vae_dtype` (float32 if it asks for `force_upcast`) instead. `abstract`:
+  in `vae_dtype` (float32 if it asks for `force_upcast`) instead. The
+  velocity model is `config.model`'s (train/velocity.py), initialised or
+  loaded pretrained (into `mesh`'s fsdp layout, when given). `abstract`:
   initialised params as `jax.ShapeDtypeStruct`s (loaded ones stay arrays).
   """
-  vae = _load_pretrained_vae(config, vae_dtype) or _init_split(lambda: vae_lib.VAE(
+  vae = _load_pretrained_vae(config, vae_dtype) or velocity_lib.init_split(lambda: vae_lib.VAE(
       channels=tuple(config.vae.channels), latent_channels=config.vae.latent_channels,
       layers_per_block=config.vae.layers_per_block, norm_groups=config.vae.norm_groups,
       mid_attention=config.vae.mid_attention, rngs=nnx.Rngs(config.seed)), abstract=abstract)
-  dit = _init_split(lambda: dit_lib.DiT(
-      latent_channels=config.vae.latent_channels, patch_size=config.dit.patch_size,
-      hidden_size=config.dit.hidden_size, depth=config.dit.depth,
-      num_heads=config.dit.num_heads, mlp_ratio=config.dit.mlp_ratio,
-      remat=config.dit.remat, rngs=nnx.Rngs(config.seed + 1)), abstract=abstract)
-  if config.dit.pretrained:  # fine-tuning: start from a base model's weights
-    try:
-      _, params = dit_lib.load_pretrained(config.dit.pretrained, like=dit[1])
-    except ValueError as e:
-      raise config_lib.ConfigError(f"config.{e}") from None
-    dit = (dit[0], params, dit[2])
-  return vae, dit
+  model = velocity_lib.for_config(config).build(mesh=mesh, abstract=abstract)
+  return vae, model
 
 
 class Programs(NamedTuple):
   """Models, optimisers and jitted programs of one (config, mesh): built once per process."""
   vae: tuple  # (graphdef, initial params, rest)
-  dit: tuple  # (graphdef, initial params, rest)
+  model: tuple  # the velocity model's (graphdef, initial params, rest)
+  velocity: velocity_lib.VelocityModel  # config.model's interface
+  model_inputs: dict  # its fixed inputs (`VelocityModel.frozen_inputs`), host arrays
   latent_shape: tuple  # (h, w, c) of one image's latent
   vae_tx: Any
   vae_state0: Any  # TrainState at step 0
@@ -158,19 +123,21 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
   `abstract`: initial params and states are `jax.ShapeDtypeStruct`s, for
   lowering and compiling the steps without allocating them (`memory_plans`).
   """
-  weights = (vae_lib.locate_diffusers(config.vae.pretrained).weights
-             if config.vae.pretrained else None)
+  weights = [vae_lib.locate_diffusers(config.vae.pretrained).weights] if config.vae.pretrained else []
+  if config.get("model", "dit") == "flux" and config.flux.pretrained:
+    from train.models import flux as flux_lib  # pylint: disable=g-import-not-at-top
+    weights += list(flux_lib.locate(config.flux.pretrained).files)
   cache_key = (config.to_json_best_effort(sort_keys=True), abstract, tuple(mesh.shape.items()),
                tuple(d.id for d in mesh.devices.flat),
-               (os.stat(weights).st_mtime_ns, os.stat(weights).st_size) if weights else None)
+               tuple((os.stat(w).st_mtime_ns, os.stat(w).st_size) for w in weights))
   if cache_key in _PROGRAMS:
     return _PROGRAMS[cache_key]
   compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
-  vae, dit = build_models(config, vae_dtype=compute_dtype, abstract=abstract)
+  velocity = velocity_lib.for_config(config)
+  vae, model = build_models(config, vae_dtype=compute_dtype, abstract=abstract, mesh=mesh)
   vae_graphdef, vae_params, vae_rest = vae
   # A trained VAE computes in compute_dtype; a pretrained one in its own dtype.
   vae_dtype = nnx.merge(vae_graphdef, vae_params, vae_rest).dtype or compute_dtype
-  dit_graphdef = dit[0]
   hr_shape = (config.batch_size, config.data.hr_size, config.data.hr_size, 3)
   latent_shape = step_lib.vae_latent_shape(vae_graphdef, vae_params, vae_rest, hr_shape)[1:]
   vae_tx, vae_schedule = make_optimizer(config, config.vae, config.vae.steps)
@@ -182,17 +149,19 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
       lr_schedule=vae_schedule, min_shard_size=config.mesh.min_shard_size)
   flow_tx, flow_schedule = make_optimizer(config, config.flow, config.flow.steps)
   flow_step = step_lib.make_train_step(
-      step_lib.make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest,
+      step_lib.make_flow_loss(config, velocity, model[0], vae_graphdef, vae_rest,
                               compute_dtype=compute_dtype, vae_dtype=vae_dtype),
-      flow_tx, mesh, make_inputs=step_lib.make_flow_inputs(config, latent_shape),
+      flow_tx, mesh, make_inputs=step_lib.make_flow_inputs(
+          config, latent_shape, image_tokens=velocity.image_tokens(latent_shape)),
       lr_schedule=flow_schedule, min_shard_size=config.mesh.min_shard_size)
   init_state = ((lambda p, tx: jax.eval_shape(lambda q: step_lib.init_state(q, tx), p))
                 if abstract else step_lib.init_state)
   programs = Programs(
-      vae=vae, dit=dit, latent_shape=latent_shape, vae_tx=vae_tx, vae_schedule=vae_schedule,
-      vae_state0=init_state(vae_params, vae_tx), flow_state0=init_state(dit[1], flow_tx),
+      vae=vae, model=model, velocity=velocity, model_inputs=velocity.frozen_inputs(),
+      latent_shape=latent_shape, vae_tx=vae_tx, vae_schedule=vae_schedule,
+      vae_state0=init_state(vae_params, vae_tx), flow_state0=init_state(model[1], flow_tx),
       vae_step=vae_step, flow_tx=flow_tx, flow_schedule=flow_schedule, flow_step=flow_step,
-      sampler=make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape,
+      sampler=make_sampler(config, velocity, model[0], vae_graphdef, vae_rest, latent_shape,
                            compute_dtype=compute_dtype, vae_dtype=vae_dtype),
       recon=make_recon(config, vae_graphdef, vae_rest, compute_dtype=vae_dtype))
   _PROGRAMS.clear()  # keep one: programs hold compiled executables
@@ -236,6 +205,7 @@ def memory_plans(config, devices=None, *,
     memory.MemoryPlanError: the compiler ran out of the devices' memory.
   """
   devices = jax.devices() if devices is None else list(devices)
+  config = config_lib.resolve(config)
   config_lib.validate(config, num_devices=len(devices))
   mesh = step_lib.make_mesh(devices, fsdp=config.mesh.fsdp)
   progs = build_programs(config, mesh, abstract=True)
@@ -248,7 +218,8 @@ def memory_plans(config, devices=None, *,
   key = rep(jax.random.PRNGKey(0))
   programs = {"vae": (progs.vae_step, progs.vae_state0, {"image": image(hr)}, {}),
               "flow": (progs.flow_step, progs.flow_state0,
-                       {"lowres": image(lr), "highres": image(hr)}, rep(progs.vae[1]))}
+                       {"lowres": image(lr), "highres": image(hr)},
+                       rep({"vae": progs.vae[1], "model": progs.model_inputs}))}
   plans = {}
   for name in stages:
     train_step, state0, batch, frozen = programs[name]
@@ -375,20 +346,26 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     dict with `'flow'`: metrics of the final model vs bicubic (from
     `evaluate.evaluate_sr`), `'vae'`: reconstruction PSNR/SSIM,
     `'preempted'`: whether the run stopped early, `'skipped'`: skipped steps
-    per stage, `'params'`: final `{'vae', 'dit'}` params, `'grid'`: PNG path.
+    per stage, `'params'`: final `{'vae', 'model'}` params (`'model'`: the
+    velocity model's, `config.model`), `'grid'`: PNG path.
   """
-  # 1. Validate before anything is built or compiled.
+  # 1. Decide and validate before anything is built or compiled.
   devices = jax.devices() if devices is None else list(devices)
+  config = config_lib.resolve(config)
   config_lib.validate(config, num_devices=len(devices))
   mesh = step_lib.make_mesh(devices, fsdp=config.mesh.fsdp)
   place = lambda state0: step_lib.place_state(  # params and optimizer state over fsdp
       state0, mesh, min_shard_size=config.mesh.min_shard_size)
   ckpt_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
-  # A pretrained VAE: provenance (path, sha256) checked against the workdir, recorded.
+  # Pretrained VAE and velocity model: provenance (paths, sha256) checked
+  # against the workdir's record (a resume on other weights fails), recorded.
   pretrained_lib.check_and_record(
       workdir, pretrained_lib.describe(config.vae.pretrained) if config.vae.pretrained else None,
       write=is_main)
+  pretrained_lib.check_and_record(
+      workdir, velocity_lib.for_config(config).describe_pretrained(), write=is_main,
+      kind="model")
   stop_after = dict(stop_after or {})
   stop_at = lambda stage, total: min(total, stop_after.get(stage, total))
 
@@ -459,22 +436,25 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
             per_crop, len(val.highres), results["skipped"])
       return results
 
-    # 5. Stage flow: the DiT with the frozen VAE (its params are a jit argument).
+    # 5. Stage flow: the velocity model with the frozen VAE and the model's
+    #    fixed inputs (jit arguments, never closed-over constants).
     total = config.flow.steps
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "flow"),
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every)
     state = _restore(checkpointer, place(progs.flow_state0))
     t_stage = time.perf_counter()
-    _say(f"stage flow: {total} steps, "
-         + (f"fine-tuning {config.dit.pretrained}" if config.dit.pretrained else "from scratch")
+    base = _pretrained_model(config)
+    _say(f"stage flow: {total} steps, {progs.velocity.name} "
+         + (f"fine-tuning {base}" if base else "from scratch")
          + (f", resuming at step {int(state.step)}" if int(state.step) else ""))
-    frozen = vae_params
+    frozen = {"vae": vae_params, "model": step_lib.replicate(progs.model_inputs, mesh)}
     val_lowres = step_lib.replicate(np.asarray(val.lowres), mesh)
 
-    def evaluate(dit_params, step: int, name: str | None):
+    def evaluate(model_params, step: int, name: str | None):
       """Metrics vs bicubic; logged and drawn to eval/<name> unless name is None."""
-      pred = np.asarray(progs.sampler(dit_params, frozen, val_lowres, jax.random.fold_in(key, 3)))
+      pred = np.asarray(progs.sampler(model_params, frozen, val_lowres,
+                                      jax.random.fold_in(key, 3)))
       per_image = eval_lib.evaluate_sr_per_image(pred, val.lowres, val.highres,
                                                  scale=config.data.scale)
       metrics = eval_lib.mean_metrics(per_image)
@@ -523,18 +503,19 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       return results
     checkpointer.close()
     _say(f"stage flow: done ({time.perf_counter() - t_stage:.0f} s)")
-    dit_params = step_lib.replicate(state.params, mesh)  # gathered: evaluated, exported
-    results["flow"] = evaluate(dit_params, done, "final.png")
-    results["params"] = {"vae": vae_params, "dit": dit_params}
+    model_params = step_lib.replicate(state.params, mesh)  # gathered: evaluated, exported
+    results["flow"] = evaluate(model_params, done, "final.png")
+    results["params"] = {"vae": vae_params, "model": model_params}
     rows = dict(results["flow"])
-    if config.dit.pretrained:  # the base model, before this run's fine-tuning
-      results["base"] = evaluate(progs.dit[1], 0, None)["model"]
+    if base:  # the base model, before this run's fine-tuning
+      results["base"] = evaluate(progs.model[1], 0, None)["model"]
       writer.write_scalars(done, {f"flow_eval/base_{k}": float(v)
                                   for k, v in results["base"].items()})
-      rows = {"bicubic": rows["bicubic"], "base model (dit.pretrained)": results["base"],
+      rows = {"bicubic": rows["bicubic"], f"base model ({base_field(config)})": results["base"],
               "fine-tuned model": rows["model"]}
+    folder = progs.velocity.export(model_params, workdir)  # every process; process 0 writes
+    _say(f"stage flow: exported to {folder}")
     if is_main:
-      export_lib.export_dit(dit_params, config, workdir)
       _write_results(workdir, {**rows, "vae reconstruction": results["vae"]}, per_crop,
                      len(val.highres), results["skipped"])
       print(f"\nValidation, {len(val.highres)} held-out crops, x{config.data.scale} "
@@ -547,6 +528,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     return results
   finally:
     writer.close()
+
+
+def base_field(config) -> str:
+  """The config field naming the velocity model's pretrained weights."""
+  return f"{config.get('model', 'dit')}.pretrained"
+
+
+def _pretrained_model(config) -> str:
+  """The velocity model's pretrained folder ('' when trained from scratch)."""
+  return config.get(config.get("model", "dit")).pretrained
 
 
 def _write_results(workdir: str, validation: dict, per_crop: dict, num_val: int,
@@ -563,23 +554,35 @@ def _write_results(workdir: str, validation: dict, per_crop: dict, num_val: int,
                             for k, row in per_crop.items()}}, f, indent=2)
 
 
-def make_sampler(config, dit_graphdef, vae_graphdef, vae_rest, latent_shape, *,
-                 compute_dtype, vae_dtype=None):
-  """jitted `sample(dit_params, vae_params, lowres, key) -> images [-1,1]`: ODE from noise."""
-  vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
+def make_sampler(config, velocity: velocity_lib.VelocityModel, model_graphdef, vae_graphdef,
+                 vae_rest, latent_shape, *, compute_dtype, vae_dtype=None):
+  """jitted `sample(model_params, frozen, lowres, key) -> images [-1,1]`: ODE from noise.
 
-  def sample(dit_params, vae_params, lowres, key):
-    dit = nnx.merge(dit_graphdef, step_lib.cast_floating(dit_params, compute_dtype))
-    vae = nnx.merge(vae_graphdef, step_lib.cast_floating(vae_params, vae_dtype), vae_rest)
+  `frozen` = `{'vae': VAE params, 'model': the model's fixed inputs}`, as
+  the flow step takes it. The time grid is `step.sample_times` (uniform, or
+  FLUX's shifted schedule with `t_shift='resolution'`); the condition is
+  computed once per call.
+  """
+  vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
+  image_hw = (config.data.hr_size, config.data.hr_size)
+  times = step_lib.sample_times(config, config.eval_ode_steps,
+                                velocity.image_tokens(latent_shape))
+
+  def sample(model_params, frozen, lowres, key):
+    vae = nnx.merge(vae_graphdef, step_lib.cast_floating(frozen["vae"], vae_dtype), vae_rest)
+    encode = lambda x: step_lib.encode_latents(vae, x, compute_dtype=vae_dtype)
+    cond = velocity.condition(frozen["model"], lowres, encode, image_hw)
     # Crop i's noise depends on (key, i) only, not on how many crops are sampled.
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(latent_shape),
                                                  jnp.float32))(jnp.arange(lowres.shape[0]))
 
     def velocity_fn(x, t, cond):
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-      return dit(x.astype(compute_dtype), t, cond).astype(jnp.float32)
+      return velocity.velocity(model_graphdef, model_params, x, t, cond,
+                               compute_dtype=compute_dtype)
 
-    z0 = eval_lib.ode_sample(velocity_fn, noise, lowres, num_steps=config.eval_ode_steps)
+    z0 = eval_lib.ode_sample(velocity_fn, noise, cond, num_steps=config.eval_ode_steps,
+                             times=times)
     return jnp.clip(step_lib.decode_latents(vae, z0, compute_dtype=vae_dtype), -1.0, 1.0)
 
   return jax.jit(sample)

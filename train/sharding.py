@@ -10,8 +10,8 @@ count, `data` takes the rest; N = 1 is plain data parallelism).
   `min_shard_size` elements (biases, norms, scalars such as step counters) and
   arrays with no such axis are replicated. The rule looks only at the shape,
   so Adam's moments get the layout of their parameter.
-  Stacked layers (any leaf under a `STACKED` key: the DiT's `[depth, ...]`
-  block parameters, and Adam's moments of them) are never split along their
+  Stacked layers (any leaf under a `STACKED` key: the DiT's and FLUX's
+  `[depth, ...]` block parameters, and Adam's moments of them) are never split along their
   leading depth axis: the rule applies to one layer's shape `shape[1:]`, so
   that each scan iteration gathers one layer's shards (train/step.py).
 - Everything else (frozen VAE params, validation data): replicated.
@@ -37,8 +37,9 @@ BATCH_AXES = (DATA, FSDP)  # the example axis of a batch is split over both
 # Arrays below this many elements stay replicated (4 KiB in float32): their
 # all-gather would cost more in latency than it saves in memory.
 MIN_SHARD_SIZE = 1024
-# Params key of stacked [depth, ...] layers applied with a scan (train/models/dit.py).
-STACKED = "blocks"
+# Params keys of stacked [depth, ...] layers applied with a scan: the DiT's
+# `blocks` (train/models/dit.py), FLUX's two stacks (train/models/flux.py).
+STACKED = ("blocks", "transformer_blocks", "single_transformer_blocks")
 
 
 def make_mesh(*, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -80,7 +81,7 @@ def state_spec(shape: Sequence[int], fsdp: int, *,
 
 def is_stacked(path) -> bool:
   """Whether a leaf at `path` (a `jax.tree_util` key path) is a stacked layer's."""
-  return any(getattr(k, "key", getattr(k, "name", None)) == STACKED for k in path)
+  return any(getattr(k, "key", getattr(k, "name", None)) in STACKED for k in path)
 
 
 def leaf_spec(path, shape: Sequence[int], fsdp: int, *,

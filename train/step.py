@@ -10,8 +10,9 @@ The train state lives in its fsdp layout (each large array split over
    whole float32 model). Inside, each sharded leaf is `all_gather`-ed over
    'fsdp' where it is used: the small non-stacked ones (embeddings, final
    layer) whole before the loss, the stacked layers (`sharding.STACKED`, the
-   DiT's `[depth, ...]` blocks) one layer at a time inside the model's scan
-   body (`gather_block`, after the loss has cast them to the compute dtype),
+   DiT's or FLUX's `[depth, ...]` blocks) one layer at a time inside the
+   model's scan bodies (`gather_block`, one gatherer per stack, after the
+   velocity model has cast them to the compute dtype),
    and again in the backward pass when the block is rematerialised.
 2. The gradient comes out of shard_map already reduced, in the state's
    layout: the transpose of each `all_gather` is a `psum_scatter` (each
@@ -53,6 +54,7 @@ from flax import nnx
 import ssim_jax
 from train import faults as faults_lib
 from train import sharding as sharding_lib
+from train import velocity as velocity_lib
 from jax.sharding import PartitionSpec as P
 
 AXIS = sharding_lib.BATCH_AXES  # ('data', 'fsdp'): every device holds its own examples
@@ -89,10 +91,7 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def cast_floating(tree, dtype):
-  """Casts floating leaves to `dtype` (the bf16 compute copy of float32 params)."""
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+cast_floating = velocity_lib.cast_floating
 
 
 def shard_batch(batch, mesh: jax.sharding.Mesh):
@@ -162,10 +161,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   Args:
     loss_fn: `loss_fn(params, batch, frozen) -> (grad_loss, metrics)` run per
       device under shard_map (axes `AXIS`); see the module docstring. When the
-      params hold stacked layers (a `sharding.STACKED` key), those arrive as
+      params hold stacked layers (`sharding.STACKED` keys), those arrive as
       this device's shards and the call is `loss_fn(params, batch, frozen,
-      gather_block=...)`: the loss passes `gather_block` to the model, which
-      applies it to one layer's params inside its scan body.
+      gather_block={stack key: fn})`: the loss passes `gather_block` to the
+      model, which applies each stack's fn to one layer's params inside that
+      stack's scan body.
     tx: the optax optimiser.
     mesh: a `('data', 'fsdp')` mesh (`sharding.make_mesh`).
     make_inputs: optional `make_inputs(batch, key) -> batch` run under jit on the
@@ -189,8 +189,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     # `params`: this device's shards, invariant over 'data'. Not pcast to
     # varying: the gradient comes back summed over devices in this layout.
     extra = {}
-    if isinstance(params, dict) and sharding_lib.STACKED in params:
-      extra["gather_block"] = block_gatherer(specs[sharding_lib.STACKED])
+    stacks = [k for k in sharding_lib.STACKED if isinstance(params, dict) and k in params]
+    if stacks:
+      extra["gather_block"] = {k: block_gatherer(specs[k]) for k in stacks}
 
     def loss(p):
       return loss_fn(gather_params(p, specs), batch, frozen, **extra)
@@ -303,18 +304,80 @@ def make_vae_inputs(latent_shape_per_image):
   return make_inputs
 
 
-def sample_t(key, n: int, *, mean: float, std: float) -> jax.Array:
-  """Logit-normal flow times `[n]` in (0, 1)."""
-  return jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,), jnp.float32))
+T_SAMPLINGS = ("logit_normal", "uniform")
+T_SHIFTS = ("none", "resolution")
 
 
-def make_flow_inputs(config, latent_shape_per_image):
-  """`make_inputs` of the flow stage: noise `[B,h,w,c]` and t `[B]`, drawn globally."""
+def time_shift(t: jax.Array, mu: float | None) -> jax.Array:
+  """FLUX's resolution-dependent shift `t -> e^mu t / (e^mu t + 1 - t)` (identity for None).
+
+  The same as diffusers' `time_shift(mu, 1.0, t) = e^mu / (e^mu + 1/t - 1)`,
+  written without 1/t so that t = 0 maps to 0. mu > 0 moves times towards 1
+  (more noise), as larger images need.
+  """
+  if mu is None:
+    return t
+  e = jnp.exp(jnp.asarray(mu, jnp.float32))
+  return e * t / (e * t + (1.0 - t))
+
+
+def shift_mu(config, image_tokens: int) -> float | None:
+  """The shift of a run's flow times for images of `image_tokens` tokens (None: `t_shift='none'`).
+
+  diffusers' `calculate_shift`: mu linear in the token count, from
+  `base_shift` at `base_image_seq_len` tokens to `max_shift` at
+  `max_image_seq_len` (`config.shift`, or the FLUX pipeline's scheduler config).
+  """
+  if config.get("t_shift", "none") == "none":
+    return None
+  s = velocity_lib.scheduler_shift(config)
+  m = (s["max_shift"] - s["base_shift"]) / (s["max_image_seq_len"] - s["base_image_seq_len"])
+  return float(image_tokens * m + s["base_shift"] - m * s["base_image_seq_len"])
+
+
+def sample_t(key, n: int, *, mean: float = 0.0, std: float = 1.0,
+             sampling: str = "logit_normal", mu: float | None = None) -> jax.Array:
+  """Training flow times `[n]` in (0, 1).
+
+  `sampling`: "logit_normal" (`sigmoid(N(mean, std))`) or "uniform"; then
+  `time_shift(., mu)` (diffusers' FLUX fine-tuning scripts draw the same
+  densities, `weighting_scheme` 'logit_normal' / 'none').
+  """
+  if sampling == "logit_normal":
+    t = jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,), jnp.float32))
+  elif sampling == "uniform":
+    t = jax.random.uniform(key, (n,), jnp.float32)
+  else:
+    raise ValueError(f"t_sampling: must be one of {T_SAMPLINGS}, got {sampling!r}")
+  return time_shift(t, mu)
+
+
+def sample_times(config, num_steps: int, image_tokens: int) -> np.ndarray:
+  """The sampler's time grid `[num_steps + 1]` from 1 to 0: uniform, then `time_shift`.
+
+  FLUX's pipelines: `sigmas = linspace(1, 1/n, n)` shifted by `mu`
+  (`calculate_shift` of the image's token count), then 0.
+  """
+  grid = np.linspace(1.0, 0.0, num_steps + 1)
+  mu = shift_mu(config, image_tokens)
+  if mu is None:
+    return grid.astype(np.float32)
+  return (np.exp(mu) * grid / (np.exp(mu) * grid + (1.0 - grid))).astype(np.float32)
+
+
+def make_flow_inputs(config, latent_shape_per_image, *, image_tokens: int):
+  """`make_inputs` of the flow stage: noise `[B,h,w,c]` and t `[B]`, drawn globally.
+
+  `image_tokens`: tokens of one image for the time shift (`VelocityModel.image_tokens`).
+  """
+  mu = shift_mu(config, image_tokens)
+
   def make_inputs(batch, key):
     b = batch["highres"].shape[0]
     kn, kt = jax.random.split(key)
     noise = jax.random.normal(kn, (b,) + tuple(latent_shape_per_image), jnp.float32)
-    t = sample_t(kt, b, mean=config.t_logit_mean, std=config.t_logit_std)
+    t = sample_t(kt, b, mean=config.t_logit_mean, std=config.t_logit_std,
+                 sampling=config.get("t_sampling", "logit_normal"), mu=mu)
     return dict(batch, noise=noise, t=t)
   return make_inputs
 
@@ -332,22 +395,24 @@ def decode_latents(vae, z, *, compute_dtype):
   return vae.decode(z.astype(compute_dtype)).astype(jnp.float32)
 
 
-def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtype,
-                   vae_dtype=None):
+def make_flow_loss(config, model: velocity_lib.VelocityModel, model_graphdef, vae_graphdef,
+                   vae_rest, *, compute_dtype, vae_dtype=None):
   """Stage `flow`: mse on the velocity + weighted pixel + SSIM via `decoded_losses`.
 
-  Batch per device: `{'lowres', 'highres', 'noise', 't'}`; `frozen` = the VAE
-  params (a jit ARGUMENT, not a closed-over constant). The pixel and SSIM terms
-  come out of `flow.decoded_losses(..., axis_name=AXIS)` normalised by the
-  GLOBAL weight mass (psum over devices) and are device-invariant; adding them
-  to the varying local mse inserts an implicit pvary whose transpose is a psum,
-  so each device's local gradient carries n times its share and `pmean` of the
-  local gradients is exactly the global gradient (checked numerically; the
-  1-vs-8-device test pins it).
+  Batch per device: `{'lowres', 'highres', 'noise', 't'}`; `frozen` =
+  `{'vae': VAE params, 'model': the model's fixed inputs}` (jit ARGUMENTS,
+  not closed-over constants). The velocity model (`train/velocity.py`: the
+  DiT or FLUX) is called through its interface: condition, then velocity.
+  The pixel and SSIM terms come out of `flow.decoded_losses(...,
+  axis_name=AXIS)` normalised by the GLOBAL weight mass (psum over devices)
+  and are device-invariant; adding them to the varying local mse inserts an
+  implicit pvary whose transpose is a psum, so each device's local gradient
+  carries n times its share and `pmean` of the local gradients is exactly the
+  global gradient (checked numerically; the 1-vs-8-device test pins it).
 
   `vae_dtype` (default `compute_dtype`) is the frozen VAE's dtype: a pretrained
   VAE runs in the dtype it was loaded in (float32 when it asks for
-  `force_upcast`), whatever the DiT computes in.
+  `force_upcast`), whatever the velocity model computes in.
   """
   from ssim_jax import flow  # pylint: disable=g-import-not-at-top
   mse_w = float(config.mse_loss_weight)
@@ -356,17 +421,17 @@ def make_flow_loss(config, dit_graphdef, vae_graphdef, vae_rest, *, compute_dtyp
   decode = pix_w > 0 or ssim_w > 0
   vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
 
-  def loss_fn(params, batch, vae_params, gather_block=None):
-    # Cast first: a sharded block is gathered in the compute dtype (half the bytes in bf16).
-    dit = nnx.merge(dit_graphdef, cast_floating(params, compute_dtype))
-    vae = nnx.merge(vae_graphdef, cast_floating(vae_params, vae_dtype), vae_rest)
+  def loss_fn(params, batch, frozen, gather_block=None):
+    vae = nnx.merge(vae_graphdef, cast_floating(frozen["vae"], vae_dtype), vae_rest)
+    encode = lambda x: encode_latents(vae, x, compute_dtype=vae_dtype)
     images = batch["highres"]
-    z0 = encode_latents(vae, images, compute_dtype=vae_dtype)
+    z0 = encode(images)
     noise, t = batch["noise"], batch["t"]
     x_t = flow.interpolate(z0, noise, t)
     v = flow.velocity_target(z0, noise)
-    v_pred = dit(x_t.astype(compute_dtype), t, batch["lowres"],
-                 prepare_block=gather_block).astype(jnp.float32)
+    cond = model.condition(frozen["model"], batch["lowres"], encode, images.shape[1:3])
+    v_pred = model.velocity(model_graphdef, params, x_t, t, cond, compute_dtype=compute_dtype,
+                            prepare_block=gather_block)
     v_pred = faults_lib.model_fault(v_pred, batch)  # identity unless config.faults.nan_model_steps
     mse = jnp.mean(jnp.square(v_pred - v))
     metrics = dict(mse=mse, mse_weighted=mse_w * mse)

@@ -21,6 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# Orders of one token's p x p x c values: (patch row, patch column, channel)
+# -- channels-last, the default -- or (channel, patch row, patch column), the
+# order of FLUX (diffusers' `_pack_latents`) and of the seed's NCHW models.
+PATCH_ORDERS = ("pqc", "cpq")
+
+
+def _check_patch_order(patch_order: Any) -> str:
+  if patch_order not in PATCH_ORDERS:
+    raise ValueError(f"patch_order must be one of {PATCH_ORDERS}, got {patch_order!r}")
+  return patch_order
+
+
 def _check_patch_size(patch_size: Any) -> int:
   if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral):
     raise TypeError(f"patch_size must be an int, got {patch_size!r}")
@@ -29,15 +41,18 @@ def _check_patch_size(patch_size: Any) -> int:
   return int(patch_size)
 
 
-def patchify(z: jax.Array, *, patch_size: int) -> jax.Array:
+def patchify(z: jax.Array, *, patch_size: int, patch_order: str = "pqc") -> jax.Array:
   """Latents `[..., h*p, w*p, c]` -> tokens `[..., h*w, p*p*c]` (row-major grid).
 
-  Each token holds its `p x p x c` patch in (row, column, channel) order, the
-  channels-last form of the seed's `hwpqc` token layout.
+  With `patch_order="pqc"` (the default) each token holds its `p x p x c`
+  patch in (row, column, channel) order, the channels-last form of the seed's
+  `hwpqc` token layout; `"cpq"` is (channel, row, column), FLUX's order
+  (diffusers' `FluxPipeline._pack_latents` with p = 2).
 
   Args:
     z: latents, rank >= 3, spatial sizes divisible by `patch_size`.
     patch_size: p >= 1.
+    patch_order: "pqc" or "cpq", the order of the values inside a token.
 
   Returns:
     tokens `[..., h*w, p*p*c]`.
@@ -47,6 +62,7 @@ def patchify(z: jax.Array, *, patch_size: int) -> jax.Array:
     (2, 12, 16)
   """
   p = _check_patch_size(patch_size)
+  order = _check_patch_order(patch_order)
   if z.ndim < 3:
     raise ValueError(f"z must have rank >= 3 ([..., H, W, C]), got shape {z.shape}")
   *lead, hp, wp, c = z.shape
@@ -54,12 +70,12 @@ def patchify(z: jax.Array, *, patch_size: int) -> jax.Array:
     raise ValueError(f"z spatial shape {(hp, wp)} is not divisible by patch_size={p}")
   h, w = hp // p, wp // p
   x = z.reshape(*lead, h, p, w, p, c)
-  x = jnp.einsum("...hpwqc->...hwpqc", x)
+  x = jnp.einsum(f"...hpwqc->...hw{order}", x)
   return x.reshape(*lead, h * w, p * p * c)
 
 
 def unpatchify(tokens: jax.Array, *, grid_hw: tuple[int, int],
-               patch_size: int) -> jax.Array:
+               patch_size: int, patch_order: str = "pqc") -> jax.Array:
   """Tokens `[..., h*w, p*p*c]` -> latents `[..., h*p, w*p, c]`.
 
   The exact inverse of `patchify` (a pure permutation: bitwise round trip);
@@ -69,6 +85,7 @@ def unpatchify(tokens: jax.Array, *, grid_hw: tuple[int, int],
     tokens: `[..., h*w, p*p*c]`.
     grid_hw: `(h, w)`, the patch grid.
     patch_size: p >= 1.
+    patch_order: "pqc" or "cpq", as given to `patchify`.
 
   Returns:
     latents `[..., h*p, w*p, c]`.
@@ -79,6 +96,7 @@ def unpatchify(tokens: jax.Array, *, grid_hw: tuple[int, int],
     (2, 8, 6, 4)
   """
   p = _check_patch_size(patch_size)
+  order = _check_patch_order(patch_order)
   h, w = (int(s) for s in grid_hw)
   if tokens.ndim < 2:
     raise ValueError(f"tokens must have rank >= 2, got shape {tokens.shape}")
@@ -88,8 +106,8 @@ def unpatchify(tokens: jax.Array, *, grid_hw: tuple[int, int],
   if d % (p * p):
     raise ValueError(f"token size {d} is not divisible by patch_size**2={p * p}")
   c = d // (p * p)
-  x = tokens.reshape(*lead, h, w, p, p, c)
-  x = jnp.einsum("...hwpqc->...hpwqc", x)
+  x = tokens.reshape(*lead, h, w, *(p, p, c) if order == "pqc" else (c, p, p))
+  x = jnp.einsum(f"...hw{order}->...hpwqc", x)
   return x.reshape(*lead, h * p, w * p, c)
 
 

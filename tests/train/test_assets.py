@@ -18,6 +18,7 @@ from flax import nnx
 from train import input_pipeline
 from train import evaluate as eval_lib
 from train import loop
+from train import velocity
 from train.models import vae as vae_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,8 +65,9 @@ def test_shipped_base_model_samples_above_bicubic(setup):
   (vg, vp, vr), (dg, dp, _) = loop.build_models(config)
   latent_shape = (config.data.hr_size // 4, config.data.hr_size // 4,
                   config.vae.latent_channels)
-  sampler = loop.make_sampler(config, dg, vg, vr, latent_shape, compute_dtype=jnp.float32)
-  pred = np.asarray(sampler(dp, vp, jnp.asarray(val.lowres),
+  sampler = loop.make_sampler(config, velocity.for_config(config), dg, vg, vr, latent_shape,
+                              compute_dtype=jnp.float32)
+  pred = np.asarray(sampler(dp, {"vae": vp, "model": {}}, jnp.asarray(val.lowres),
                             jax.random.fold_in(jax.random.PRNGKey(config.seed), 3)))
   model = eval_lib.evaluate_sr(pred, val.lowres, val.highres,
                                scale=config.data.scale)["model"]

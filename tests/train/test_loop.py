@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from train import loop
+from train import velocity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -39,12 +40,14 @@ def test_sampler_noise_of_a_crop_depends_on_the_key_and_its_index_only():
   (vg, vp, vr), (dg, dp, _) = loop.build_models(cfg)
   down = 2 ** (len(cfg.vae.channels) - 1)
   lat = (cfg.data.hr_size // down, cfg.data.hr_size // down, cfg.vae.latent_channels)
-  sample = loop.make_sampler(cfg, dg, vg, vr, lat, compute_dtype=jnp.float32)
+  sample = loop.make_sampler(cfg, velocity.for_config(cfg), dg, vg, vr, lat,
+                             compute_dtype=jnp.float32)
   lr = cfg.data.hr_size // cfg.data.scale
   lowres = jax.random.uniform(jax.random.PRNGKey(1), (4, lr, lr, 3), minval=-1, maxval=1)
   key = jax.random.PRNGKey(7)
-  full = np.asarray(sample(dp, vp, lowres, key))
-  np.testing.assert_allclose(np.asarray(sample(dp, vp, lowres[:2], key)), full[:2], atol=1e-6)
+  frozen = {"vae": vp, "model": {}}
+  full = np.asarray(sample(dp, frozen, lowres, key))
+  np.testing.assert_allclose(np.asarray(sample(dp, frozen, lowres[:2], key)), full[:2], atol=1e-6)
   assert not np.allclose(full[0], full[1])
 
 
@@ -113,7 +116,7 @@ def test_resume_gives_identical_params(reference_run, tmp_path, monkeypatch):
   r3 = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2])
   assert not r3["preempted"]
   assert ("vae", 2, True, 2) in restored and ("flow", 2, True, 2) in restored
-  for name in ("vae", "dit"):
+  for name in ("vae", "model"):
     a, b = leaves(ref["params"][name]), leaves(r3["params"][name])
     assert len(a) == len(b)
     for x, y in zip(a, b):
@@ -161,7 +164,7 @@ def test_tiny_flow_step_trains_to_the_same_params_on_every_mesh():
   pixel + SSIM, psum over both axes) gives the same params after 4 steps, while
   the per-device params and optimizer state shrink (measured from the arrays)."""
   from train import memory as memory_lib  # pylint: disable=g-import-not-at-top
-  from train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from train import step as step_lib
   cfg = tiny.get_config()
   rng = np.random.default_rng(0)
   hr, lr = cfg.data.hr_size, cfg.data.hr_size // cfg.data.scale
@@ -173,17 +176,18 @@ def test_tiny_flow_step_trains_to_the_same_params_on_every_mesh():
   # made for each mesh exactly as build_programs makes it.
   progs = loop.build_programs(cfg, step_lib.make_mesh(jax.devices()))
   vae_graphdef, vae_params, vae_rest = progs.vae
-  loss_fn = step_lib.make_flow_loss(cfg, progs.dit[0], vae_graphdef, vae_rest,
+  loss_fn = step_lib.make_flow_loss(cfg, progs.velocity, progs.model[0], vae_graphdef, vae_rest,
                                     compute_dtype=jnp.float32)
   for fsdp in (1, 2, 4, 8):
     mesh = step_lib.make_mesh(jax.devices(), fsdp=fsdp)
     flow_step = step_lib.make_train_step(
         loss_fn, progs.flow_tx, mesh,
-        make_inputs=step_lib.make_flow_inputs(cfg, progs.latent_shape),
+        make_inputs=step_lib.make_flow_inputs(
+            cfg, progs.latent_shape, image_tokens=progs.velocity.image_tokens(progs.latent_shape)),
         lr_schedule=progs.flow_schedule, min_shard_size=cfg.mesh.min_shard_size)
     state = step_lib.place_state(progs.flow_state0, mesh,
                                  min_shard_size=cfg.mesh.min_shard_size)
-    frozen = step_lib.replicate(vae_params, mesh)
+    frozen = step_lib.replicate({"vae": vae_params, "model": {}}, mesh)
     key = jax.random.PRNGKey(0)
     first = step_lib.shard_batch(batches[0], mesh)
     plans[fsdp] = memory_lib.plan(flow_step.lower(state, first, frozen, key).compile(), state)
@@ -200,7 +204,7 @@ def test_tiny_flow_step_trains_to_the_same_params_on_every_mesh():
     assert plans[fsdp].arguments < plans[1].arguments
   assert plans[8].params < plans[4].params < plans[2].params
   assert not all(np.array_equal(a, b) for a, b in
-                 zip(params[1], leaves(progs.dit[1])))  # they trained
+                 zip(params[1], leaves(progs.model[1])))  # they trained
 
 
 def test_fsdp_run_resumed_on_another_mesh_matches_the_data_parallel_run(reference_run,
@@ -220,7 +224,7 @@ def test_fsdp_run_resumed_on_another_mesh_matches_the_data_parallel_run(referenc
   cfg.mesh.fsdp = 2
   r2 = loop.train_and_evaluate(cfg, workdir, devices=jax.devices())
   assert not r2["preempted"] and r2["skipped"] == {"vae": 0, "flow": 0}
-  a, b = leaves(ref["params"]["dit"]), leaves(r2["params"]["dit"])
+  a, b = leaves(ref["params"]["model"]), leaves(r2["params"]["model"])
   assert _rel_l2(a, b) < 1e-5
   for x, y in zip(a, b):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)

@@ -43,7 +43,7 @@ WORKER = textwrap.dedent("""
     cfg.flow.steps = 3
     cfg.mesh.fsdp = 2
     res = loop.train_and_evaluate(cfg, sys.argv[1])
-    flat = {f"{n}_{i}": np.asarray(x) for n in ("vae", "dit")
+    flat = {f"{n}_{i}": np.asarray(x) for n in ("vae", "model")
             for i, x in enumerate(jax.tree.leaves(jax.device_get(res["params"][n])))}
     np.savez(sys.argv[2] + f"_{jax.process_index()}.npz", **flat)
     print("WORKER_OK", jax.process_index())
@@ -90,12 +90,12 @@ def test_two_processes_match_one_process(tmp_path):
   cfg.flow.steps = 3
   cfg.mesh.fsdp = 2
   res = loop.train_and_evaluate(cfg, str(tmp_path / "single"), devices=jax.devices())
-  single = [np.asarray(x) for n in ("vae", "dit")
+  single = [np.asarray(x) for n in ("vae", "model")
             for x in jax.tree.leaves(jax.device_get(res["params"][n]))]
   for pid in range(2):
     got = np.load(str(tmp_path / "params") + f"_{pid}.npz")
     assert len(got.files) == len(single)
-    multi = [got[f"{n}_{i}"] for n in ("vae", "dit")
+    multi = [got[f"{n}_{i}"] for n in ("vae", "model")
              for i in range(len([k for k in got.files if k.startswith(n + "_")]))]
     # The all-reduce order differs (gloo across processes vs in-process), so
     # gradients agree to float32 rounding only; Adam divides by sqrt(v), which

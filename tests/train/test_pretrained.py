@@ -138,7 +138,7 @@ def test_resume_on_a_pretrained_vae_is_bit_identical(vae_folder, reference_run, 
   assert r1["preempted"]
   r2 = loop.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2])
   assert not r2["preempted"]
-  for a, b in zip(leaves(ref["params"]["dit"]), leaves(r2["params"]["dit"]), strict=True):
+  for a, b in zip(leaves(ref["params"]["model"]), leaves(r2["params"]["model"]), strict=True):
     np.testing.assert_array_equal(a, b)
 
 

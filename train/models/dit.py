@@ -33,21 +33,11 @@ import numpy as np
 from flax import nnx
 
 from ssim_jax import flow
-from train import sharding as sharding_lib
+from train.models import stacking
 
-REMAT_POLICIES = ("none", "full", "dots_saveable")
-STACKED = sharding_lib.STACKED  # params key of the stacked [depth, ...] block parameters
-
-
-def remat_block(fn, policy: str):
-  """`fn` (a scan body) under `jax.checkpoint` with the named policy (`REMAT_POLICIES`)."""
-  if policy == "none":
-    return fn
-  if policy == "full":
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-  if policy == "dots_saveable":
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_saveable)
-  raise ValueError(f"remat: must be one of {REMAT_POLICIES}, got {policy!r}")
+REMAT_POLICIES = stacking.REMAT_POLICIES
+remat_block = stacking.remat_block
+STACKED = "blocks"  # params key of the stacked [depth, ...] block parameters (sharding.STACKED)
 
 
 def timestep_embedding(t: jax.Array, dim: int, *, max_period: float = 1e4) -> jax.Array:
@@ -117,10 +107,8 @@ class DiT(nnx.Module):
     self.t_mlp2 = nnx.Linear(hidden_size, hidden_size, rngs=rngs)
     # Initialised one by one (the same numbers as the per-block layout had),
     # then stacked into one Block whose every parameter is [depth, ...].
-    blocks = [nnx.split(Block(hidden_size, num_heads, mlp_ratio, rngs=rngs))
-              for _ in range(depth)]
-    self.blocks = nnx.merge(blocks[0][0], jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                       *[st for _, st in blocks]))
+    self.blocks = stacking.stack([Block(hidden_size, num_heads, mlp_ratio, rngs=rngs)
+                                  for _ in range(depth)])
     self.final_norm = nnx.LayerNorm(hidden_size, use_scale=False, use_bias=False, rngs=rngs)
     self.final_ada = nnx.Linear(hidden_size, 2 * hidden_size,
                                 kernel_init=nnx.initializers.zeros, rngs=rngs)
@@ -154,14 +142,8 @@ class DiT(nnx.Module):
     x = x + jnp.asarray(_pos_embedding_2d(h // p, w // p, self.hidden_size), dtype)[None]
     temb = timestep_embedding(t, self.hidden_size).astype(dtype)
     temb = self.t_mlp2(nnx.silu(self.t_mlp1(temb)))
-    block_def, block_state = nnx.split(self.blocks)
-
-    def body(x, params):
-      if prepare_block is not None:
-        params = prepare_block(params)
-      return nnx.merge(block_def, params)(x, temb), None
-
-    x, _ = jax.lax.scan(remat_block(body, self.remat), x, nnx.to_pure_dict(block_state))
+    x = stacking.scan(self.blocks, x, lambda block, x: block(x, temb), remat=self.remat,
+                      prepare_block=prepare_block)
     shift, scale = jnp.split(self.final_ada(nnx.silu(temb))[:, None], 2, axis=-1)
     x = self.final_norm(x) * (1 + scale) + shift
     v = self.out(x)

@@ -18,17 +18,28 @@ def _key(i):
 
 
 @hypothesis.given(h=st.integers(1, 3), w=st.integers(1, 3), p=st.integers(1, 3),
-                  c=st.integers(1, 4), lead=st.integers(0, 2))
-def test_patchify_roundtrip(h, w, p, c, lead):
+                  c=st.integers(1, 4), lead=st.integers(0, 2),
+                  order=st.sampled_from(["pqc", "cpq"]))
+def test_patchify_roundtrip(h, w, p, c, lead, order):
   shape = (2,) * lead + (h * p, w * p, c)
   z = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
-  tok = flow.patchify(z, patch_size=p)
+  tok = flow.patchify(z, patch_size=p, patch_order=order)
   assert tok.shape == (2,) * lead + (h * w, p * p * c)
   np.testing.assert_array_equal(
-      flow.unpatchify(tok, grid_hw=(h, w), patch_size=p), z)
+      flow.unpatchify(tok, grid_hw=(h, w), patch_size=p, patch_order=order), z)
   np.testing.assert_array_equal(
-      flow.patchify(flow.unpatchify(tok, grid_hw=(h, w), patch_size=p),
-                    patch_size=p), tok)
+      flow.patchify(flow.unpatchify(tok, grid_hw=(h, w), patch_size=p, patch_order=order),
+                    patch_size=p, patch_order=order), tok)
+
+
+def test_cpq_order_is_channel_then_patch_row_then_column():
+  # FLUX's token of the 2x2 patch at grid (i, j): value [c, ph, pw] = z[2i + ph, 2j + pw, c]
+  # (tests/train/test_flux.py checks it against diffusers' _pack_latents itself).
+  z = np.random.default_rng(0).normal(size=(4, 6, 3)).astype(np.float32)
+  tok = np.asarray(flow.patchify(jnp.asarray(z), patch_size=2, patch_order="cpq"))
+  i, j = 1, 2
+  np.testing.assert_array_equal(tok[i * 3 + j].reshape(3, 2, 2),
+                                z[2 * i:2 * i + 2, 2 * j:2 * j + 2].transpose(2, 0, 1))
 
 
 def test_unpatchify_matches_seed_einsum():
@@ -45,6 +56,8 @@ def test_patch_errors():
     flow.patchify(jnp.zeros((5, 4, 2)), patch_size=2)
   with pytest.raises(ValueError, match="grid_hw"):
     flow.unpatchify(jnp.zeros((6, 8)), grid_hw=(2, 2), patch_size=2)
+  with pytest.raises(ValueError, match="patch_order"):
+    flow.patchify(jnp.zeros((4, 4, 2)), patch_size=2, patch_order="chw")
   with pytest.raises(ValueError, match="latent_hw_list"):
     flow.PackedLayout.from_sizes([(4, 4), (3, 4)], 2)
   with pytest.raises(TypeError, match="patch_size"):
