@@ -162,7 +162,7 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
       vae_state0=init_state(vae_params, vae_tx), flow_state0=init_state(model[1], flow_tx),
       vae_step=vae_step, flow_tx=flow_tx, flow_schedule=flow_schedule, flow_step=flow_step,
       sampler=make_sampler(config, velocity, model[0], vae_graphdef, vae_rest, latent_shape,
-                           compute_dtype=compute_dtype, vae_dtype=vae_dtype),
+                           compute_dtype=compute_dtype, vae_dtype=vae_dtype, mesh=mesh),
       recon=make_recon(config, vae_graphdef, vae_rest, compute_dtype=vae_dtype))
   _PROGRAMS.clear()  # keep one: programs hold compiled executables
   _PROGRAMS[cache_key] = programs
@@ -492,8 +492,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       if preempted:
         break
       if int(state.step) < total and int(state.step) % every == 0:
-        evaluate(step_lib.replicate(state.params, mesh), int(state.step),
-                 f"step_{int(state.step):07d}.png")
+        evaluate(state.params, int(state.step), f"step_{int(state.step):07d}.png")
     done = int(state.step)
     results["skipped"]["flow"] = int(state.skipped)
     if done < total:
@@ -503,7 +502,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       return results
     checkpointer.close()
     _say(f"stage flow: done ({time.perf_counter() - t_stage:.0f} s)")
-    model_params = step_lib.replicate(state.params, mesh)  # gathered: evaluated, exported
+    # Evaluated and exported in their fsdp layout: never whole on a device.
+    model_params = state.params
     results["flow"] = evaluate(model_params, done, "final.png")
     results["params"] = {"vae": vae_params, "model": model_params}
     rows = dict(results["flow"])
@@ -555,35 +555,58 @@ def _write_results(workdir: str, validation: dict, per_crop: dict, num_val: int,
 
 
 def make_sampler(config, velocity: velocity_lib.VelocityModel, model_graphdef, vae_graphdef,
-                 vae_rest, latent_shape, *, compute_dtype, vae_dtype=None):
+                 vae_rest, latent_shape, *, compute_dtype, vae_dtype=None, mesh=None):
   """jitted `sample(model_params, frozen, lowres, key) -> images [-1,1]`: ODE from noise.
 
   `frozen` = `{'vae': VAE params, 'model': the model's fixed inputs}`, as
   the flow step takes it. The time grid is `step.sample_times` (uniform, or
   FLUX's shifted schedule with `t_shift='resolution'`); the condition is
   computed once per call.
+
+  It runs as the train step does, so that evaluating a model that only fits
+  sharded (a 12 B FLUX) needs no whole copy of it on a device: the crops are
+  split over `mesh`'s devices (padded to a multiple of their count), the
+  model's parameters stay in their fsdp layout and each block is gathered in
+  the compute dtype only while it runs. `mesh`: the run's (None: one device).
   """
   vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
+  mesh = step_lib.make_mesh(jax.devices()[:1]) if mesh is None else mesh
   image_hw = (config.data.hr_size, config.data.hr_size)
   times = step_lib.sample_times(config, config.eval_ode_steps,
                                 velocity.image_tokens(latent_shape))
+  min_shard_size = config.mesh.min_shard_size
+  P = jax.sharding.PartitionSpec
 
-  def sample(model_params, frozen, lowres, key):
+  def local(model_params, frozen, lowres, noise, specs):
+    """One device's crops; its shards of the model's parameters."""
+    params = step_lib.gather_params(model_params, specs)
+    gathers = {k: step_lib.block_gatherer(specs[k]) for k in velocity.stacks if k in params}
     vae = nnx.merge(vae_graphdef, step_lib.cast_floating(frozen["vae"], vae_dtype), vae_rest)
     encode = lambda x: step_lib.encode_latents(vae, x, compute_dtype=vae_dtype)
     cond = velocity.condition(frozen["model"], lowres, encode, image_hw)
-    # Crop i's noise depends on (key, i) only, not on how many crops are sampled.
-    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(latent_shape),
-                                                 jnp.float32))(jnp.arange(lowres.shape[0]))
 
     def velocity_fn(x, t, cond):
       t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-      return velocity.velocity(model_graphdef, model_params, x, t, cond,
-                               compute_dtype=compute_dtype)
+      return velocity.velocity(model_graphdef, params, x, t, cond, compute_dtype=compute_dtype,
+                               prepare_block=gathers)
 
     z0 = eval_lib.ode_sample(velocity_fn, noise, cond, num_steps=config.eval_ode_steps,
                              times=times)
     return jnp.clip(step_lib.decode_latents(vae, z0, compute_dtype=vae_dtype), -1.0, 1.0)
+
+  def sample(model_params, frozen, lowres, key):
+    n = lowres.shape[0]
+    padded = -(-n // mesh.size) * mesh.size
+    # Crop i's noise depends on (key, i) only, not on how many crops are sampled.
+    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(latent_shape),
+                                                 jnp.float32))(jnp.arange(padded))
+    lowres = jnp.pad(lowres, ((0, padded - n),) + ((0, 0),) * (lowres.ndim - 1))
+    specs = sharding_lib.state_specs(model_params, mesh, min_shard_size=min_shard_size)
+    out = jax.shard_map(
+        lambda p, f, l, z: local(p, f, l, z, specs), mesh=mesh,
+        in_specs=(specs, P(), P(step_lib.AXIS), P(step_lib.AXIS)),
+        out_specs=P(step_lib.AXIS))(model_params, frozen, lowres, noise)
+    return out[:n]
 
   return jax.jit(sample)
 
