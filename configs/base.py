@@ -152,6 +152,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.flux.pooled_projection_dim = 768
   c.flux.guidance_embeds = True
   c.flux.axes_dims_rope = (16, 56, 56)
+  # LoRA (train/lora.py): rank 0 trains the whole model; rank r > 0 trains
+  # low-rank adapters on lora.targets (fnmatch patterns over diffusers' module
+  # names, a block's index written '*'; () = the model's defaults: attention
+  # q/k/v/out and the MLP linears), the base frozen in the compute dtype and in
+  # no checkpoint. The update is alpha / rank * B A (alpha None: = rank).
+  # lora.init_from: a diffusers / PEFT LoRA file (pytorch_lora_weights.safetensors)
+  # to continue from.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = ml_collections.config_dict.placeholder(float)
+  c.lora.targets = ()
+  c.lora.init_from = ""
   c.flow = ml_collections.ConfigDict()
   c.flow.steps = 5000
   c.flow.learning_rate = 3e-4

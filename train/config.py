@@ -8,6 +8,8 @@ or after an hour of training.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 PRECISIONS = ("float32", "bfloat16")
@@ -104,7 +106,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     a `vae/` and no `vae.pretrained`: the VAE is the pipeline's (FLUX's latent
     space is its VAE's), so `vae.pretrained` becomes that folder.
   """
-  import os  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())  # a copy, references resolved
   if (config.get("model", "dit") == "flux" and not config.vae.pretrained
       and isinstance(config.flux.pretrained, str) and config.flux.pretrained
@@ -229,6 +230,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     _check_flux(config, latent=hr // down)
   else:
     _check_dit(config, latent=hr // down)
+  _check_lora(config)
   _int(config, "flow.steps", minimum=0)
   _float(config, "flow.learning_rate", strictly_positive=True)
   _int(config, "flow.warmup_steps", minimum=0)
@@ -346,6 +348,33 @@ def _check_flux(config, *, latent: int) -> None:
       _fail("flux.prompt_length", f"is {config.flux.prompt_length} but flux.prompt_embeds "
             f"holds {emb['prompt_embeds'].shape[0]} tokens; set "
             f"--config.flux.prompt_length={emb['prompt_embeds'].shape[0]}")
+
+
+def _check_lora(config) -> None:
+  """`lora.*`: the rank, alpha, targets (they must match layers of the model) and init file."""
+  if "lora" not in config:
+    return
+  rank = _int(config, "lora.rank", minimum=0)
+  if not rank:
+    return
+  if _get(config, "lora.alpha") is not None:
+    _float(config, "lora.alpha", strictly_positive=True)
+  targets = _get(config, "lora.targets")
+  if (not isinstance(targets, (tuple, list))
+      or not all(isinstance(t, str) and t for t in targets)):
+    _fail("lora.targets", f"must be a tuple of module-name patterns (() for the model's "
+          f"defaults), got {targets!r}")
+  init_from = _get(config, "lora.init_from")
+  if not isinstance(init_from, str):
+    _fail("lora.init_from", f"must be a path string ('' for a fresh adapter), got {init_from!r}")
+  if init_from and not os.path.isfile(init_from):
+    _fail("lora.init_from", f"no file {init_from!r} (a diffusers LoRA "
+          "pytorch_lora_weights.safetensors)")
+  from train import velocity  # pylint: disable=g-import-not-at-top
+  try:
+    velocity.for_config(config).lora_targets()
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
 
 
 def _check_pretrained_dit(config) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ssim_jax import flow
+from train import lora as lora_lib
 from train import sharding as sharding_lib
 from train.models import dit as dit_lib
 from train.models import flux as flux_lib
@@ -81,16 +82,79 @@ def cast_floating(tree, dtype):
 class VelocityModel:
   """What the flow stage needs of a velocity model (subclassed per model).
 
+  With `lora.rank > 0` the model carries LoRA factors on the `lora.targets`
+  layers (train/lora.py): `build` attaches them, `velocity` folds them into
+  the kernels (the stacks' inside their scan, after the gather), `export`
+  writes the merged model and the adapter file.
+
   Attributes:
     name: `config.model`.
     stacks: params keys of the stacked `[depth, ...]` block parameters
       (scanned; a sharded step gathers one block at a time).
+    renames: our module names -> diffusers' (LoRA target names, export).
+    lora_rank: 0 (no LoRA) or the adapters' rank.
+    lora_scale: `lora.alpha / lora.rank`.
   """
   name = ""
   stacks: tuple[str, ...] = ()
+  renames: Mapping[str, str] = {}
 
   def __init__(self, config):
     self.config = config
+    lc = config.get("lora", None)
+    self.lora_rank = int(lc.rank) if lc is not None else 0
+    alpha = None if lc is None else lc.get("alpha", None)
+    self.lora_scale = (float(alpha) if alpha is not None else self.lora_rank) / max(
+        self.lora_rank, 1)
+
+  def make_model(self, *, param_dtype=jnp.float32) -> nnx.Module:
+    """The model with `config.seed`'s random weights (no LoRA), for `init_split`."""
+    raise NotImplementedError
+
+  def lora_targets(self) -> list[lora_lib.Target]:
+    """The layers `lora.targets` adapts (their names, paths and kernel shapes).
+
+    Raises:
+      ValueError naming `lora.targets` for a pattern that matches no layer.
+    """
+    patterns = tuple(self.config.lora.targets) or lora_lib.DEFAULT_TARGETS[self.name]
+    return lora_lib.find_targets(nnx.eval_shape(self.make_model), patterns,
+                                 stacks=self.stacks, renames=self.renames)
+
+  def with_lora(self, built, *, abstract: bool = False):
+    """`built` = (graphdef, params, rest) with LoRA factors attached (unchanged without LoRA).
+
+    The factors are PEFT-initialised from `config.seed`, or read from
+    `lora.init_from` (a diffusers / PEFT LoRA file).
+    """
+    if not self.lora_rank:
+      return built
+    graphdef, params, rest = built
+    model = nnx.merge(graphdef, params, rest)
+    targets = self.lora_targets()
+    lora_lib.attach(model, targets, rank=self.lora_rank, abstract=abstract,
+                    key=jax.random.PRNGKey(self.config.seed + 2))
+    graphdef, params, rest = split_model(model)
+    if self.config.lora.init_from and not abstract:
+      base, _ = lora_lib.split(params)
+      loaded = lora_lib.load_diffusers(self.config.lora.init_from, targets,
+                                       rank=self.lora_rank, scale=self.lora_scale)
+      params = lora_lib.combine(base, loaded)
+    return graphdef, params, rest
+
+  def fold_lora(self, params, prepare_block):
+    """`(params, prepare_block)` with the LoRA updates folded into the kernels where used.
+
+    The non-stacked layers are folded here; each stack's `prepare_block`
+    becomes gather-then-fold, so a block's update is formed only while it runs.
+    """
+    if not self.lora_rank:
+      return params, prepare_block
+    prepare = dict(prepare_block or {})
+    scale = self.lora_scale
+    folded = {k: (lambda p, g=prepare.get(k): lora_lib.fold(g(p) if g else p, scale))
+              for k in self.stacks}
+    return lora_lib.fold(params, scale, skip=self.stacks), folded
 
   def build(self, *, mesh=None, abstract: bool = False):
     """`(graphdef, params, rest)`: initialised from `config.seed`, or loaded pretrained.
@@ -139,9 +203,26 @@ class VelocityModel:
   def export(self, params, workdir: str) -> str:
     """Writes the trained model under `WORKDIR/export/`; returns the folder.
 
-    Called on every process (sharded parameters are gathered); process 0 writes.
+    `params`: the model's full parameters (with LoRA: base and factors
+    together). Called on every process (sharded parameters are gathered);
+    process 0 writes.
     """
     raise NotImplementedError
+
+  def export_lora(self, params, workdir: str) -> dict:
+    """Host params to export: with LoRA, writes `WORKDIR/export/lora/` and merges the update.
+
+    Returns the parameters as numpy, LoRA merged into the kernels (float32).
+    """
+    host = jax.tree.map(flux_lib.to_host, params)  # every process takes part
+    if not self.lora_rank:
+      return host
+    _, factors = lora_lib.split(host)
+    if jax.process_index() == 0:
+      lora_lib.save_diffusers(factors, self.lora_targets(),
+                              os.path.join(workdir, "export", "lora"),
+                              scale=self.lora_scale, rank=self.lora_rank)
+    return lora_lib.merge_host(host, self.lora_scale)
 
 
 class DiTVelocity(VelocityModel):
@@ -149,14 +230,18 @@ class DiTVelocity(VelocityModel):
   name = "dit"
   stacks = (dit_lib.STACKED,)
 
+  def make_model(self, *, param_dtype=jnp.float32):
+    del param_dtype  # float32 (the DiT's master weights)
+    c = self.config
+    return dit_lib.DiT(
+        latent_channels=c.vae.latent_channels, patch_size=c.dit.patch_size,
+        hidden_size=c.dit.hidden_size, depth=c.dit.depth, num_heads=c.dit.num_heads,
+        mlp_ratio=c.dit.mlp_ratio, remat=c.dit.remat, rngs=nnx.Rngs(c.seed + 1))
+
   def build(self, *, mesh=None, abstract: bool = False):
     del mesh
     c = self.config
-    dit = init_split(lambda: dit_lib.DiT(
-        latent_channels=c.vae.latent_channels, patch_size=c.dit.patch_size,
-        hidden_size=c.dit.hidden_size, depth=c.dit.depth, num_heads=c.dit.num_heads,
-        mlp_ratio=c.dit.mlp_ratio, remat=c.dit.remat, rngs=nnx.Rngs(c.seed + 1)),
-                     abstract=abstract)
+    dit = init_split(self.make_model, abstract=abstract)
     if c.dit.pretrained:  # fine-tuning: start from a base model's weights
       from train import config as config_lib  # pylint: disable=g-import-not-at-top
       try:
@@ -164,14 +249,15 @@ class DiTVelocity(VelocityModel):
       except ValueError as e:
         raise config_lib.ConfigError(f"config.{e}") from None
       dit = (dit[0], params, dit[2])
-    return dit
+    return self.with_lora(dit, abstract=abstract)
 
   def condition(self, frozen, lowres, encode, image_hw):
     del frozen, encode, image_hw
     return lowres
 
   def velocity(self, graphdef, params, x_t, t, cond, *, compute_dtype, prepare_block=None):
-    dit = nnx.merge(graphdef, cast_floating(params, compute_dtype))
+    params, prepare_block = self.fold_lora(cast_floating(params, compute_dtype), prepare_block)
+    dit = nnx.merge(graphdef, params)
     return dit(x_t.astype(compute_dtype), t, cond.astype(compute_dtype),
                prepare_block=(prepare_block or {}).get(dit_lib.STACKED)).astype(jnp.float32)
 
@@ -183,7 +269,7 @@ class DiTVelocity(VelocityModel):
   def export(self, params, workdir):
     folder = os.path.join(workdir, "export", "dit")
     c = self.config
-    host = jax.tree.map(flux_lib.to_host, params)  # every process takes part
+    host = self.export_lora(params, workdir)
     if jax.process_index() == 0:
       dit_lib.save_pretrained(host, folder, model_config={
           "latent_channels": c.vae.latent_channels,
@@ -288,6 +374,7 @@ class FluxVelocity(VelocityModel):
   """FLUX.1 from diffusers, conditioned on the low-resolution image the Kontext way."""
   name = "flux"
   stacks = flux_lib.STACKS
+  renames = flux_lib.RENAMES
 
   def __init__(self, config):
     super().__init__(config)
@@ -295,22 +382,33 @@ class FluxVelocity(VelocityModel):
     g = config.flux.guidance
     self.guidance = None if g is None else float(g)
 
+  def make_model(self, *, param_dtype=jnp.float32):
+    c = self.config
+    return flux_lib.FluxTransformer(self.arch, remat=c.flux.remat, param_dtype=param_dtype,
+                                    rngs=nnx.Rngs(c.seed + 1))
+
+  @property
+  def base_dtype(self):
+    """The base weights' dtype: `flux.param_dtype`; with LoRA the compute dtype (frozen)."""
+    c = self.config
+    if self.lora_rank:
+      return jnp.bfloat16 if c.precision == "bfloat16" else jnp.float32
+    return PARAM_DTYPES[c.flux.param_dtype]
+
   def build(self, *, mesh=None, abstract: bool = False):
     c = self.config
-    dtype = PARAM_DTYPES[c.flux.param_dtype]
-    make = lambda: flux_lib.FluxTransformer(self.arch, remat=c.flux.remat, param_dtype=dtype,
-                                            rngs=nnx.Rngs(c.seed + 1))
+    make = lambda: self.make_model(param_dtype=self.base_dtype)
     if not c.flux.pretrained or abstract:  # random weights, or shapes only (plans)
-      return init_split(make, abstract=abstract)
+      return self.with_lora(init_split(make, abstract=abstract), abstract=abstract)
     graphdef, shapes, rest = init_split(make, abstract=True)
     shardings = None
     if mesh is not None:  # straight into the train state's layout: never whole on a device
       shardings = sharding_lib.state_shardings(shapes, mesh,
                                                min_shard_size=c.mesh.min_shard_size)
-    model = flux_lib.from_diffusers(c.flux.pretrained, dtype=dtype, remat=c.flux.remat,
-                                    shardings=shardings)
+    model = flux_lib.from_diffusers(c.flux.pretrained, dtype=self.base_dtype,
+                                    remat=c.flux.remat, shardings=shardings)
     _, params, _ = split_model(model)
-    return graphdef, params, rest
+    return self.with_lora((graphdef, params, rest))
 
   def frozen_inputs(self):
     c = self.config.flux
@@ -333,7 +431,8 @@ class FluxVelocity(VelocityModel):
             "pooled": jnp.broadcast_to(pooled[None], (b,) + pooled.shape)}
 
   def velocity(self, graphdef, params, x_t, t, cond, *, compute_dtype, prepare_block=None):
-    model = nnx.merge(graphdef, cast_floating(params, compute_dtype))
+    params, prepare_block = self.fold_lora(cast_floating(params, compute_dtype), prepare_block)
+    model = nnx.merge(graphdef, params)
     b, h, w, _ = x_t.shape
     gh, gw = h // FLUX_PATCH, w // FLUX_PATCH
     tokens = flow.patchify(x_t.astype(compute_dtype), patch_size=FLUX_PATCH, patch_order="cpq")
@@ -365,7 +464,7 @@ class FluxVelocity(VelocityModel):
 
   def export(self, params, workdir):
     folder = os.path.join(workdir, "export", "transformer")
-    return flux_lib.save_diffusers(params, folder, config=self.arch)
+    return flux_lib.save_diffusers(self.export_lora(params, workdir), folder, config=self.arch)
 
 
 _MODELS = {"dit": DiTVelocity, "flux": FluxVelocity}

@@ -486,14 +486,14 @@ def latent_image_ids(h: int, w: int, *, index: int = 0) -> np.ndarray:
 # diffusers names, shapes and files.
 
 # Our module attribute -> diffusers module name, where they differ.
-_RENAMES = {"to_out": "to_out.0", "net_0_proj": "net.0.proj", "net_2": "net.2"}
+RENAMES = {"to_out": "to_out.0", "net_0_proj": "net.0.proj", "net_2": "net.2"}
 _SUFFIX = {"kernel": "weight", "bias": "bias", "weight": "weight"}
 
 
 def diffusers_names(path: Sequence[Any], depth: int | None = None) -> list[str]:
   """diffusers tensor names of the parameter at NNX `path` (one per block for a stack)."""
   parts = [str(p) for p in path]
-  body = ".".join(_RENAMES.get(p, p) for p in parts[:-1]) + "." + _SUFFIX[parts[-1]]
+  body = ".".join(RENAMES.get(p, p) for p in parts[:-1]) + "." + _SUFFIX[parts[-1]]
   if parts[0] in STACKS:
     rest = body[len(parts[0]) + 1:]
     return [f"{parts[0]}.{i}.{rest}" for i in range(depth)]
