@@ -284,12 +284,7 @@ def _loop_config(**fields):
   cfg.vae.steps = cfg.flow.steps = 6
   cfg.log_every = 3
   cfg.ckpt_every = 3
-  for k, v in fields.items():
-    node = cfg
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  cfg.update_from_flattened_dict(fields)  # {"ema.decay": 0.9, ...}
   return cfg
 
 
@@ -321,6 +316,11 @@ def test_loop_reads_the_device_only_at_logging_steps(tmp_path, monkeypatch,
   for (_, ips), (_, tps) in zip(scalars["flow/images_per_sec"], scalars["flow/tokens_per_sec"]):
     np.testing.assert_allclose(tps, ips * lat * lat, rtol=1e-5)
   assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+  # ema.use_for_eval: the EMA of the last checkpoint is what was evaluated and exported.
+  saved = loop.ckpt_lib.load_numpy(os.path.join(workdir, "flow"), 6)
+  got = leaves(results["params"]["dit"])
+  assert all(np.array_equal(a, b) for a, b in zip(got, leaves(saved["ema"])))
+  assert not all(np.array_equal(a, b) for a, b in zip(got, leaves(saved["params"])))
 
 
 def test_a_device_read_between_logging_steps_is_caught(tmp_path, monkeypatch,
