@@ -36,8 +36,28 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = 1
   c.mesh.min_shard_size = 1024  # arrays with fewer elements stay replicated
-  # Stop the run after this many consecutive skipped (non-finite) steps.
+  # Stop the run after this many consecutive skipped (non-finite) steps (counted
+  # on the device, exact; the run stops at the next logging step with the state
+  # of the step that hit the limit, and never checkpoints past it).
   c.max_consecutive_skips = 20
+  # Gradient accumulation: each optimizer step runs this many micro-batches of
+  # `batch_size` images in one jitted step (a scan) and sums their gradients, so
+  # a step is one step with a batch_size * grad_accum_steps batch (to float
+  # rounding, decoded pixel/SSIM terms included) at the activation memory of
+  # batch_size. The data pipeline delivers batch_size * grad_accum_steps images
+  # per step; steps, schedules and checkpoints count optimizer steps. 1: off.
+  c.grad_accum_steps = 1
+  # EMA of the flow stage's trainable parameters (the velocity model), kept in
+  # the train state (float32, sharded like the params, checkpointed). After each
+  # applied update: ema = d * ema + (1 - d) * params, with d = ema.decay, or with
+  # ema.warmup d = min(ema.decay, (1 + n) / (10 + n)), n = updates applied before
+  # this one (TensorFlow's / diffusers' EMAModel warm-up). A skipped step leaves
+  # it unchanged. Turning it on for a run whose checkpoints have none starts it
+  # from the restored params.
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0  # 0: off; e.g. 0.999 (an average over ~1000 updates)
+  c.ema.warmup = True
+  c.ema.use_for_eval = True  # with decay > 0: evaluate and export the EMA params
 
   # --- Flow-matching loss (stage `flow`), field names as in the seed trainer.
   c.mse_loss_weight = 1.0
@@ -175,7 +195,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0
 
   # --- Observability and checkpoints (steps are per stage).
+  # Logging interval: metrics, step time, images/s, tokens/s and MFU (TensorBoard).
+  # The host reads device values only at logging, checkpoint and preemption
+  # agreement steps: between them it never waits for the device.
   c.log_every = 50
+  # With several processes: steps between the all-gathers that agree on a
+  # preemption (SIGTERM on any process); a preemption is acted on within this
+  # many steps. One process: at the next step. Orbax's (JAX's) preemption sync
+  # point is honoured at every step.
+  c.preemption_check_every = 10
   c.eval_every = 1000  # 0: evaluate only at the end of each stage
   c.eval_ode_steps = 20  # Euler steps of the ODE sampler
   c.eval_num_images = 8  # validation images in the PNG grid

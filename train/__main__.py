@@ -9,6 +9,10 @@ table and where the files are; `--verbosity=0` adds absl/orbax INFO logs.
 `--compile_only`: compile each stage's step on this host's devices, print
 its memory plan and parameter count, exit (status 2 if it does not fit).
 
+`--profile_steps=N,M`: a `jax.profiler` trace of steps N..M (1-based, inclusive)
+of the flow stage (the vae stage of a run without one) in WORKDIR/profile, for
+TensorBoard's profile plugin or Perfetto.
+
 Multi-host: `--coordinator_address=host:port --num_processes=N --process_id=i`
 (or the `SSIM_JAX_*` environment variables, see train/distributed.py), or
 `--distributed_auto` for JAX's cluster auto-detection. `jax.distributed` is
@@ -37,12 +41,29 @@ _CPU_COLL = flags.DEFINE_string("cpu_collectives", None,
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile each stage's step on these devices, print its memory "
     "plan (and the fit error if it does not fit), then exit without training.")
+_PROFILE = flags.DEFINE_string(
+    "profile_steps", None, "N,M: write a jax.profiler trace of steps N..M (1-based, "
+    "inclusive) of the flow stage to WORKDIR/profile.")
 flags.mark_flags_as_required(["config"])
+
+
+def parse_profile_steps(value: str | None) -> tuple[int, int] | None:
+  """'N,M' -> (N, M) with 1 <= N <= M; None for None / ''."""
+  if not value:
+    return None
+  try:
+    first, last = (int(v) for v in value.split(","))
+  except ValueError:
+    raise app.UsageError(f"--profile_steps={value!r}: expected N,M (two step numbers)") from None
+  if not 1 <= first <= last:
+    raise app.UsageError(f"--profile_steps={value!r}: expected 1 <= N <= M")
+  return first, last
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  profile_steps = parse_profile_steps(_PROFILE.value)
   if not flags.FLAGS["verbosity"].present:
     # A clean console by default (progress bars, stage lines, the table);
     # --verbosity=0 shows absl/orbax INFO (checkpoint saves, ...) again.
@@ -71,7 +92,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (unless --compile_only)")
   try:
-    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                      profile_steps=profile_steps)
   except (config_lib.ConfigError, loop.TooManySkipsError, ckpt_lib.WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -16,10 +16,14 @@ Promises (tested in tests/train/test_checkpoint.py):
   the previous intact step is restored instead. A checkpoint of a differently
   shaped state (the config changed) is an error, not damage.
 - `Checkpointer` installs a SIGTERM handler (main thread only) that only sets
-  a flag; the loop polls `preemption_requested(step)`, saves and exits. Orbax's
-  `reached_preemption(step)` (the JAX distributed preemption service) is
-  honoured too. With several processes the flag is all-gathered so that all
-  processes agree on the same step (every process must call it every step).
+  a flag; the loop polls `preemption_requested(step)` every step, saves and
+  exits. Orbax's `reached_preemption(step)` (the JAX distributed preemption
+  service: a host-side check, its agreement runs in the background) is
+  honoured at every step. With one process the flag answers at the next step;
+  with several, the flags are all-gathered (a host sync) only every
+  `preemption_check_every` steps (`agrees_at(step)`), so that all processes
+  agree on the same step without waiting on each other at every step (every
+  process must call it every step).
 - `save(..., data_iterator=it)` also writes the input iterator's state (item
   `data`, grain's checkpoint handler: one JSON file per process) at the same
   step; `restore_data(step, it)` puts it back, so a resumed run sees the same
@@ -159,6 +163,22 @@ class StructureMismatchError(ValueError):
   """A checkpoint holds a differently shaped state (e.g. the config changed)."""
 
 
+def _is_namedtuple(tree) -> bool:
+  return isinstance(tree, tuple) and hasattr(tree, "_fields")
+
+
+def _stored(tree):
+  """What orbax writes of a state: a NamedTuple as the dict of its fields that are not None.
+
+  Orbax stores a None field as a key, which a checkpoint written before that
+  field existed lacks (and its restore then fails): an optional field that is
+  None (`TrainState.ema` without EMA) leaves the files as they were.
+  """
+  if _is_namedtuple(tree):
+    return {k: v for k, v in tree._asdict().items() if v is not None}
+  return tree
+
+
 # ----------------------------------------------------------------------------
 # Preemption.
 
@@ -220,6 +240,8 @@ class Checkpointer:
       of it (or `force=True`).
     async_save: write in a background thread after copying to host.
     install_sigterm_handler: install the SIGTERM flag handler (main thread).
+    preemption_check_every: with several processes, steps between the
+      all-gathers that agree on a preemption (`preemption_requested`).
 
   Example:
     ckpt = Checkpointer(workdir + "/ckpt", save_interval_steps=500)
@@ -231,15 +253,19 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
-               async_save: bool = True, install_sigterm_handler: bool = True):
+               async_save: bool = True, install_sigterm_handler: bool = True,
+               preemption_check_every: int = 1):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    if preemption_check_every < 1:
+      raise ValueError(f"preemption_check_every must be >= 1, got {preemption_check_every}")
     self._ocp = ocp
     self.save_interval_steps = int(save_interval_steps)
+    self.preemption_check_every = int(preemption_check_every)
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -271,18 +297,22 @@ class Checkpointer:
     """
     ocp = self._ocp
     step = int(step)
-    if not force and step % self.save_interval_steps:
-      return False
+    if not self.saves_at(step, force=force):
+      return False  # free: nothing is read from the devices
     if step in self._manager.all_steps():
       return False  # already saved (e.g. a final save right after a periodic one)
     meta = dict(meta or {})
     meta["_fingerprint"] = fingerprint(state)
     meta["_structure"] = structure(state)
-    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    items = dict(state=ocp.args.StandardSave(_stored(state)), meta=ocp.args.JsonSave(meta))
     if data_iterator is not None:
       import grain  # pylint: disable=g-import-not-at-top
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+
+  def saves_at(self, step: int, *, force: bool = False) -> bool:
+    """Whether `save(step, force=force)` writes (and so reads the state from the devices)."""
+    return bool(force or int(step) % self.save_interval_steps == 0)
 
   # -- restoring --------------------------------------------------------------
 
@@ -316,9 +346,11 @@ class Checkpointer:
           "new workdir, or restore the config of the run that wrote it.")
     out = self._manager.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(_stored(abstract_state)),
                                 meta=ocp.args.JsonRestore()))
     state = out["state"]
+    if _is_namedtuple(abstract_state):
+      state = abstract_state._replace(**state)
     expected = meta.pop("_fingerprint", None)
     if expected is None:
       raise ValueError(f"checkpoint step {step} has no fingerprint in its metadata")
@@ -405,22 +437,30 @@ class Checkpointer:
 
   # -- preemption -------------------------------------------------------------
 
+  def agrees_at(self, step: int) -> bool:
+    """Whether `preemption_requested(step)` all-gathers over processes (a host sync)."""
+    return jax.process_count() > 1 and int(step) % self.preemption_check_every == 0
+
   def preemption_requested(self, step: int) -> bool:
     """True when a SIGTERM arrived or orbax reports a preemption sync point.
 
-    With several processes the answer is agreed by all-gathering the local
-    flags: every process must call this at every step.
+    Every process must call this at every step. Orbax's sync point is agreed
+    by all processes by construction. The SIGTERM flag answers at once with
+    one process; with several, it is agreed by all-gathering the local flags
+    at the steps of `agrees_at` only (else it waits for the next such step).
     """
     local = bool(self._flag is not None and self._flag.is_set())
     try:
-      local = local or bool(self._manager.reached_preemption(int(step)))
+      synced = bool(self._manager.reached_preemption(int(step)))
     except Exception:  # pylint: disable=broad-except
-      pass  # no distributed preemption service: the signal flag alone decides
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      flags = multihost_utils.process_allgather(np.asarray([local], np.int32))
-      local = bool(np.any(flags))
-    return local
+      synced = False  # no distributed preemption service: the signal flag alone decides
+    if jax.process_count() == 1:
+      return local or synced
+    if not self.agrees_at(step):
+      return synced
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray([local or synced], np.int32))
+    return bool(np.any(flags))
 
   # -- lifecycle --------------------------------------------------------------
 

@@ -137,6 +137,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
           f"multiple of {num_devices}")
   _choice(config, "precision", PRECISIONS)
   _int(config, "max_consecutive_skips", minimum=1)
+  _int(config, "grad_accum_steps", minimum=1)
+  decay = _float(config, "ema.decay", minimum=0.0)
+  if decay >= 1:
+    _fail("ema.decay", f"must be in [0, 1) (0: no EMA), got {decay}")
+  for field in ("ema.warmup", "ema.use_for_eval"):
+    if not isinstance(_get(config, field), bool):
+      _fail(field, f"must be a bool, got {_get(config, field)!r}")
 
   # Flow loss weights.
   mse_w = _float(config, "mse_loss_weight", minimum=0.0)
@@ -242,6 +249,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
 
   # Observability and checkpoints.
   _int(config, "log_every", minimum=1)
+  _int(config, "preemption_check_every", minimum=1)
   _int(config, "eval_every", minimum=0)
   _int(config, "eval_ode_steps", minimum=1)
   n_img = _int(config, "eval_num_images", minimum=1)

@@ -15,6 +15,7 @@ Workdir layout:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from train import memory as memory_lib
 from train import pretrained as pretrained_lib
 from train import sharding as sharding_lib
 from train import step as step_lib
+from train import throughput as throughput_lib
 from train import velocity as velocity_lib
 from train import writer as writer_lib
 from train.models import vae as vae_lib
@@ -49,6 +51,19 @@ class TooManySkipsError(RuntimeError):
 
 
 split_model = velocity_lib.split_model
+
+# The device-to-host transfer guard of the steps between the loop's sync points
+# (`_run_stage`): None leaves JAX's setting alone; "disallow" makes any read of a
+# device value there an error ("log": a log line), which checks that the host
+# never waits for the device between logging steps (tests/train/test_loop.py).
+STEP_TRANSFER_GUARD: str | None = None
+
+
+def global_batch_size(config) -> int:
+  """Images per optimizer step over all processes: `batch_size * grad_accum_steps`."""
+  return config.batch_size * config.grad_accum_steps
+
+
 
 
 def make_optimizer(config, stage_config, num_steps: int):
@@ -143,23 +158,29 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
   vae_tx, vae_schedule = make_optimizer(config, config.vae, config.vae.steps)
   if config.vae.pretrained:
     vae_tx = optax.set_to_zero()  # frozen: no optimizer state (its stage has 0 steps)
+  common = dict(min_shard_size=config.mesh.min_shard_size,
+                grad_accum_steps=config.grad_accum_steps,
+                max_consecutive_skips=config.max_consecutive_skips)
   vae_step = step_lib.make_train_step(
       step_lib.make_vae_loss(config, vae_graphdef, vae_rest, compute_dtype=compute_dtype),
       vae_tx, mesh, make_inputs=step_lib.make_vae_inputs(latent_shape),
-      lr_schedule=vae_schedule, min_shard_size=config.mesh.min_shard_size)
+      lr_schedule=vae_schedule, **common)
   flow_tx, flow_schedule = make_optimizer(config, config.flow, config.flow.steps)
+  # The EMA is of the flow stage's trainable params (the velocity model) only.
   flow_step = step_lib.make_train_step(
       step_lib.make_flow_loss(config, velocity, model[0], vae_graphdef, vae_rest,
                               compute_dtype=compute_dtype, vae_dtype=vae_dtype),
       flow_tx, mesh, make_inputs=step_lib.make_flow_inputs(
           config, latent_shape, image_tokens=velocity.image_tokens(latent_shape)),
-      lr_schedule=flow_schedule, min_shard_size=config.mesh.min_shard_size)
-  init_state = ((lambda p, tx: jax.eval_shape(lambda q: step_lib.init_state(q, tx), p))
+      lr_schedule=flow_schedule, ema_decay=config.ema.decay, ema_warmup=config.ema.warmup,
+      **common)
+  init_state = ((lambda p, tx, **kw: jax.eval_shape(lambda q: step_lib.init_state(q, tx, **kw), p))
                 if abstract else step_lib.init_state)
   programs = Programs(
       vae=vae, model=model, velocity=velocity, model_inputs=velocity.frozen_inputs(),
       latent_shape=latent_shape, vae_tx=vae_tx, vae_schedule=vae_schedule,
-      vae_state0=init_state(vae_params, vae_tx), flow_state0=init_state(model[1], flow_tx),
+      vae_state0=init_state(vae_params, vae_tx),
+      flow_state0=init_state(model[1], flow_tx, ema=config.ema.decay > 0),
       vae_step=vae_step, flow_tx=flow_tx, flow_schedule=flow_schedule, flow_step=flow_step,
       sampler=make_sampler(config, velocity, model[0], vae_graphdef, vae_rest, latent_shape,
                            compute_dtype=compute_dtype, vae_dtype=vae_dtype, mesh=mesh),
@@ -182,13 +203,18 @@ def _abstract(tree):
                       tree)
 
 
-def _memory_plan(name: str, train_step, state, batch, frozen, key) -> None:
-  """Compiles the step (the first call reuses it), logs the plan, checks the fit."""
-  plan = memory_lib.plan(memory_lib.compile_step(train_step.lower(state, batch, frozen, key),
-                                                name=f"stage {name}"), state)
+def _memory_plan(name: str, train_step, state, batch, frozen, key, *,
+                 flops: bool = False) -> float | None:
+  """Compiles the step (the first call reuses it), logs the plan, checks the fit.
+
+  Returns the step's FLOPs (`throughput.step_flops`, one device's) when `flops`.
+  """
+  lowered = train_step.lower(state, batch, frozen, key)
+  plan = memory_lib.plan(memory_lib.compile_step(lowered, name=f"stage {name}"), state)
   limit = memory_lib.device_limit()
   _say(plan.line(name=f"stage {name}", limit=limit))
   memory_lib.check_fit(plan, limit=limit, name=f"stage {name}")
+  return throughput_lib.step_flops(lowered) if flops else None
 
 
 def memory_plans(config, devices=None, *,
@@ -209,7 +235,7 @@ def memory_plans(config, devices=None, *,
   config_lib.validate(config, num_devices=len(devices))
   mesh = step_lib.make_mesh(devices, fsdp=config.mesh.fsdp)
   progs = build_programs(config, mesh, abstract=True)
-  b, hr = config.batch_size, config.data.hr_size
+  b, hr = global_batch_size(config), config.data.hr_size
   lr = hr // config.data.scale
   image = lambda size: jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32,
                                             sharding=sharding_lib.batch_sharding(mesh))
@@ -238,11 +264,22 @@ def memory_plans(config, devices=None, *,
 
 def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
                stop: int, total: int, checkpointer, writer, datasets, mesh,
-               plan_memory: bool = True):
+               meter: throughput_lib.Meter, plan_memory: bool = True,
+               profiler: throughput_lib.Profiler | None = None):
   """Trains one stage from `state.step` up to step `stop` (<= `total`).
 
+  The host never waits for the device between its sync points: it dispatches
+  step N+1 while step N runs, and reads device values only at the first step
+  (compiled, timed from there), logging steps (every `config.log_every`, and
+  `total`), checkpoint steps, preemption agreement steps (several processes,
+  `config.preemption_check_every`) and `stop`. There it reads the skip
+  counters: the step halts a state that hit `config.max_consecutive_skips`
+  (train/step.py), so the limit is exact, the error names the step that hit it
+  and no checkpoint is written past it.
+
   With `plan_memory` the step is compiled before the first step and its
-  memory plan logged and checked (`_memory_plan`).
+  memory plan logged and checked (`_memory_plan`); `meter` gets its FLOPs
+  there and times the logging intervals.
 
   Returns `(state, preempted)`; on preemption (SIGTERM on any process) the
   state is checkpointed before returning. Raises `TooManySkipsError` after
@@ -256,46 +293,65 @@ def _run_stage(name: str, config, *, state, train_step, make_batch, frozen, key,
   raw_step = train_step
   train_step = faults_lib.wrap_train_step(  # the identity unless config.faults is set
       train_step, config, stage=name, workdir=os.path.dirname(checkpointer.directory))
-  t_last, n_last = time.perf_counter(), 0
+  guard = lambda sync: (jax.transfer_guard_device_to_host(STEP_TRANSFER_GUARD)
+                        if STEP_TRANSFER_GUARD and not sync else contextlib.nullcontext())
+  timed_from = start + 1
   preempted = False
   try:
     for step in range(start, stop):
-      batch = step_lib.shard_batch(make_batch(next(it)), mesh)
-      if plan_memory and step == start:
-        _memory_plan(name, raw_step, state, batch, frozen, key)
-      if step == start and jax.process_index() == 0 and config.progress_bar:
-        from tqdm import tqdm  # after the memory plan's line, so that it is not cut by the bar
-        bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
-      state, metrics = train_step(state, batch, frozen, key)
       done = step + 1
-      n_last += 1
+      logs = done % config.log_every == 0 or done == total
+      sync = (done == start + 1 or logs or done == stop or checkpointer.saves_at(done)
+              or checkpointer.agrees_at(done))
+      with guard(sync):
+        batch = step_lib.shard_batch(make_batch(next(it)), mesh)
+        if plan_memory and step == start:
+          meter.flops = _memory_plan(name, raw_step, state, batch, frozen, key,
+                                     flops=meter.peak is not None) or meter.flops
+        if step == start and jax.process_index() == 0 and config.progress_bar:
+          from tqdm import tqdm  # after the memory plan's line, so that it is not cut by the bar
+          bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
+        if profiler is not None:
+          profiler.before(done)
+        state, metrics = train_step(state, batch, frozen, key)
+        if profiler is not None:
+          profiler.after(done, state)
+        if bar is not None:
+          bar.update(1)
+        preempted = checkpointer.preemption_requested(done)  # a host sync only if sync
+      if not (sync or preempted):
+        continue
+      # -- a sync point: the host waits for the step here -----------------------------
+      if done == start + 1:  # compiled and run: time the steps from here
+        jax.block_until_ready(state)
+        meter.start()
+        timed_from = done
       consec = int(state.consecutive_skips)
       if consec >= config.max_consecutive_skips:
         raise TooManySkipsError(
             f"stage {name}: {consec} consecutive steps had a non-finite loss or gradient "
-            f"(last at step {done}, {int(state.skipped)} skipped in total); stopping "
-            f"(config.max_consecutive_skips={config.max_consecutive_skips}). Parameters "
-            "were never updated with non-finite values; the last checkpoint is intact.")
-      if bar is not None:
-        bar.update(1)
-      if done % config.log_every == 0 or done == total:
-        now = time.perf_counter()
+            f"(last at step {int(state.step)}, {int(state.skipped)} skipped in total); "
+            f"stopping (config.max_consecutive_skips={config.max_consecutive_skips}). "
+            "Parameters were never updated with non-finite values; the last checkpoint "
+            "is intact.")
+      if logs:
         scalars = {f"{name}/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-        scalars[f"{name}/steps_per_sec"] = n_last / max(now - t_last, 1e-9)
         scalars[f"{name}/skipped_total"] = float(state.skipped)
-        t_last, n_last = now, 0
+        scalars.update({f"{name}/{k}": v
+                        for k, v in meter.interval(done - timed_from).items()})
+        timed_from = done
         writer.write_scalars(done, scalars)
         if bar is not None:
           bar.set_postfix({k.split("/")[1]: f"{v:.4g}" for k, v in scalars.items()
                            if k.split("/")[1] in ("total", "mse", "ssim", "l1", "skipped_total")})
-      checkpointer.save(done, state, force=(done == total), data_iterator=it)
-      if checkpointer.preemption_requested(done):  # all-gathered over processes
-        checkpointer.save(done, state, force=True, data_iterator=it)
-        preempted = True
+      checkpointer.save(done, state, force=(done == total or preempted), data_iterator=it)
+      if preempted:
         logging.warning("stage %s: preemption requested; checkpoint saved at step %d",
                         name, done)
         break
   finally:
+    if profiler is not None:
+      profiler.close()
     checkpointer.wait()
     if bar is not None:
       bar.close()
@@ -327,12 +383,30 @@ def _train_iter(datasets, checkpointer, step: int):
 
 
 def _restore(checkpointer, state):
-  restored, _ = checkpointer.restore_latest(_abstract(state))
+  """The newest intact checkpoint of `checkpointer` as a state like `state` (or `state`).
+
+  A state with an EMA restores a checkpoint written without one (EMA off
+  then, or a version before it): its EMA starts from the restored params,
+  with a warning. The reverse (EMA turned off) is a changed state: an error.
+  """
+  try:
+    restored, _ = checkpointer.restore_latest(_abstract(state))
+  except ckpt_lib.StructureMismatchError:
+    if state.ema is None:
+      raise
+    restored, step = checkpointer.restore_latest(_abstract(state._replace(ema=None)))
+    if restored is None:
+      raise
+    logging.warning("%s: checkpoint step %d has no EMA (config.ema.decay was 0 when it was "
+                    "written); the EMA starts from its params", checkpointer.directory, step)
+    restored = restored._replace(ema=sharding_lib.put(
+        restored.params, jax.tree.map(lambda x: x.sharding, restored.params)))
   return state if restored is None else restored
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None,
-                       stop_after: Mapping[str, int] | None = None) -> dict[str, Any]:
+                       stop_after: Mapping[str, int] | None = None,
+                       profile_steps: tuple[int, int] | None = None) -> dict[str, Any]:
   """Trains the `vae` then the `flow` stage and evaluates on the validation crops.
 
   Args:
@@ -341,13 +415,17 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     devices: devices of the data mesh (all by default; tests pass one device).
     stop_after: `{stage: step}`: stop (saving a checkpoint, as on preemption)
       when that stage reaches that step; for the resumption tests.
+    profile_steps: `(first, last)`: a `jax.profiler` trace of those steps
+      (1-based, inclusive) of the flow stage (of the vae stage when
+      `flow.steps` is 0) in `WORKDIR/profile` (`python -m train --profile_steps`).
 
   Returns:
     dict with `'flow'`: metrics of the final model vs bicubic (from
     `evaluate.evaluate_sr`), `'vae'`: reconstruction PSNR/SSIM,
     `'preempted'`: whether the run stopped early, `'skipped'`: skipped steps
     per stage, `'params'`: final `{'vae', 'model'}` params (`'model'`: the
-    velocity model's, `config.model`), `'grid'`: PNG path.
+    velocity model's, `config.model`; its EMA with `config.ema.use_for_eval`:
+    what was evaluated and exported), `'grid'`: PNG path.
   """
   # 1. Decide and validate before anything is built or compiled.
   devices = jax.devices() if devices is None else list(devices)
@@ -368,11 +446,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       kind="model")
   stop_after = dict(stop_after or {})
   stop_at = lambda stage, total: min(total, stop_after.get(stage, total))
+  profiler = None
+  if profile_steps is not None:
+    profiler = throughput_lib.Profiler(*profile_steps, os.path.join(workdir, "profile"))
+  profiled = "flow" if config.flow.steps else "vae"
+  peak = throughput_lib.peak_flops_per_second(devices[0])
 
   # 2. Data: each process builds only its rows of the global batch.
   nproc = jax.process_count()
   datasets = input_pipeline.make_datasets(config.data,
-                                          batch_size_per_process=config.batch_size // nproc,
+                                          batch_size_per_process=global_batch_size(config) // nproc,
                                           seed=config.seed, process_index=jax.process_index(),
                                           process_count=nproc)
   val = datasets.val
@@ -390,7 +473,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     total = 0 if config.vae.pretrained else config.vae.steps
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "vae"),
                                          max_to_keep=config.ckpt_max_to_keep,
-                                         save_interval_steps=config.ckpt_every)
+                                         save_interval_steps=config.ckpt_every,
+                                         preemption_check_every=config.preemption_check_every)
     state = _restore(checkpointer, place(progs.vae_state0))
     t_stage = time.perf_counter()
     if total:
@@ -400,7 +484,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
         "vae", config, state=state, train_step=progs.vae_step,
         make_batch=lambda b: {"image": b.highres}, frozen={}, key=jax.random.fold_in(key, 1),
         stop=stop_at("vae", total), total=total, checkpointer=checkpointer, writer=writer,
-        datasets=datasets, mesh=mesh)
+        datasets=datasets, mesh=mesh,
+        meter=throughput_lib.Meter(images_per_step=global_batch_size(config), peak=peak),
+        profiler=profiler if profiled == "vae" else None)
     if int(state.step) < total:
       checkpointer.save(int(state.step), state, force=True)
       preempted = True
@@ -421,7 +507,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     if is_main and not config.vae.pretrained:
       with datasets.train_iter(0) as it:
         crops = [next(it).highres for _ in range(
-            -(-export_lib.LATENT_STAT_IMAGES // (config.batch_size // nproc)))]
+            -(-export_lib.LATENT_STAT_IMAGES // (global_batch_size(config) // nproc)))]
       try:
         folder = export_lib.export_vae(
             nnx.merge(vae_graphdef, jax.device_get(vae_params), vae_rest), crops, workdir)
@@ -441,7 +527,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     total = config.flow.steps
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "flow"),
                                          max_to_keep=config.ckpt_max_to_keep,
-                                         save_interval_steps=config.ckpt_every)
+                                         save_interval_steps=config.ckpt_every,
+                                         preemption_check_every=config.preemption_check_every)
     state = _restore(checkpointer, place(progs.flow_state0))
     t_stage = time.perf_counter()
     base = _pretrained_model(config)
@@ -480,6 +567,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
 
     every = config.eval_every or total
     planned = False
+    meter = throughput_lib.Meter(  # one for the stage: its FLOPs are counted once
+        images_per_step=global_batch_size(config), peak=peak,
+        tokens_per_image=progs.velocity.sequence_length(progs.latent_shape))
+    # The EMA (config.ema.use_for_eval) or the params: what is evaluated and
+    # exported, in their fsdp layout (never whole on a device).
+    eval_params = lambda st: (st.ema if st.ema is not None and config.ema.use_for_eval
+                              else st.params)
     while int(state.step) < stop_at("flow", total):
       # Train up to the next evaluation point, evaluate, go on (a flat loop, no callbacks).
       nxt = min((int(state.step) // every + 1) * every, stop_at("flow", total))
@@ -487,12 +581,13 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
           "flow", config, state=state, train_step=progs.flow_step,
           make_batch=lambda b: {"lowres": b.lowres, "highres": b.highres}, frozen=frozen,
           key=jax.random.fold_in(key, 2), stop=nxt, total=total, checkpointer=checkpointer,
-          writer=writer, datasets=datasets, mesh=mesh, plan_memory=not planned)
+          writer=writer, datasets=datasets, mesh=mesh, plan_memory=not planned, meter=meter,
+          profiler=profiler if profiled == "flow" else None)
       planned = True
       if preempted:
         break
       if int(state.step) < total and int(state.step) % every == 0:
-        evaluate(state.params, int(state.step), f"step_{int(state.step):07d}.png")
+        evaluate(eval_params(state), int(state.step), f"step_{int(state.step):07d}.png")
     done = int(state.step)
     results["skipped"]["flow"] = int(state.skipped)
     if done < total:
@@ -502,8 +597,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
       return results
     checkpointer.close()
     _say(f"stage flow: done ({time.perf_counter() - t_stage:.0f} s)")
-    # Evaluated and exported in their fsdp layout: never whole on a device.
-    model_params = state.params
+    model_params = eval_params(state)
     results["flow"] = evaluate(model_params, done, "final.png")
     results["params"] = {"vae": vae_params, "model": model_params}
     rows = dict(results["flow"])

@@ -31,8 +31,26 @@ The train state lives in its fsdp layout (each large array split over
    fsdp layout, so a step's output is the next step's input layout. The state
    is donated to the step (its buffers are reused for the new state): do not
    use a state after passing it to the step.
-5. `skipped` and `consecutive_skips` counters live in the state; the loop stops
-   after `config.max_consecutive_skips`.
+5. `skipped` and `consecutive_skips` counters live in the state. With
+   `max_consecutive_skips` set, a state whose `consecutive_skips` reached it
+   is HALTED: later steps return it unchanged (step counter included), so the
+   loop, which reads the counter only every `log_every` steps, sees exactly the
+   state in which the limit was hit and stops there (`config.max_consecutive_skips`).
+6. EMA (`ema_decay > 0`): `state.ema` (float32, the params' tree and fsdp
+   layout) becomes `d * ema + (1 - d) * new_params` after each applied update,
+   `d = min(ema_decay, (1 + n) / (10 + n))` with `ema_warmup` (n = updates
+   applied before this one), else `d = ema_decay`. A skipped step leaves it
+   bit-identical like the rest of the state.
+7. Gradient accumulation (`grad_accum_steps = k > 1`): each device's batch
+   is split into k equal micro-batches, and a `lax.scan` over them sums the
+   gradients (each already reduced into the state's layout, as in 2.) before
+   the one update; finiteness (3.) is decided on the sum. The loss is then
+   called with `accumulation=Accumulation(k, context)`, where `context` is
+   `loss_fn.prepare(batch, frozen)` of the device's WHOLE batch (None when the
+   loss has no `prepare`; the flow loss computes its decoded-loss masses
+   there), and returns each micro-batch's additive share: its grad_loss and
+   metrics summed over the k micro-batches are the batch's. The step is then
+   one step with the k-times-larger batch, to float rounding.
 
 Loss functions follow one convention so that the mean of local gradients is
 the gradient of the global loss: a loss function returns `(grad_loss, metrics)`
@@ -67,16 +85,38 @@ class TrainState(NamedTuple):
   opt_state: Any  # optax state, float32 / int32 leaves
   skipped: jax.Array  # int32 [], total skipped (non-finite) steps
   consecutive_skips: jax.Array  # int32 [], skipped steps since the last applied one
+  # float32 pytree like params (their EMA), or None without EMA (no leaves: the
+  # state and its checkpoints are then those of a run before EMA existed).
+  ema: Any = None
 
 
-def init_state(params, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh state at step 0."""
+class Accumulation(NamedTuple):
+  """What a loss is told when the step accumulates micro-batches (module doc, 7.)."""
+  steps: int  # k micro-batches per update (static)
+  context: Any  # `loss_fn.prepare(batch, frozen)` of the device's whole batch, or None
+
+
+def init_state(params, tx: optax.GradientTransformation, *, ema: bool = False) -> TrainState:
+  """A fresh state at step 0; with `ema`, the EMA starts as a copy of the params."""
   @jax.jit  # one compilation instead of one per optimizer-state leaf
   def init(params):
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=tx.init(params), skipped=zero,
-                      consecutive_skips=zero)
+                      consecutive_skips=zero,
+                      ema=jax.tree.map(jnp.copy, params) if ema else None)
   return init(params)
+
+
+def ema_decay_at(decay: float, num_updates, *, warmup: bool) -> jax.Array:
+  """The EMA decay of update number `num_updates` (0-based): `min(decay, (1+n)/(10+n))`
+  with `warmup` (TensorFlow's ExponentialMovingAverage / diffusers' EMAModel rule: the
+  EMA follows the first updates closely instead of averaging in the initial weights),
+  else `decay`."""
+  decay = jnp.float32(decay)
+  if not warmup:
+    return decay
+  n = jnp.asarray(num_updates, jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
 def make_mesh(devices=None, *, fsdp: int = 1) -> jax.sharding.Mesh:
@@ -155,7 +195,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, *,
                     make_inputs: Callable | None = None,
                     lr_schedule: Callable | None = None,
-                    min_shard_size: int = sharding_lib.MIN_SHARD_SIZE):
+                    min_shard_size: int = sharding_lib.MIN_SHARD_SIZE,
+                    grad_accum_steps: int = 1,
+                    ema_decay: float = 0.0,
+                    ema_warmup: bool = True,
+                    max_consecutive_skips: int | None = None):
   """Builds the jitted data-parallel / fsdp train step.
 
   Args:
@@ -175,6 +219,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     lr_schedule: optional `schedule(count)` for the `lr` metric.
     min_shard_size: the state layout's threshold (`sharding.state_spec`); the
       state passed in must be placed with the same (`place_state`).
+    grad_accum_steps: k micro-batches per update (module doc, 7.); each
+      device's batch must divide by k.
+    ema_decay: > 0 updates `state.ema` (module doc, 6.); the state must then
+      have one (`init_state(..., ema=True)`).
+    ema_warmup: the EMA decay warm-up (`ema_decay_at`).
+    max_consecutive_skips: a state with that many consecutive skips is
+      returned unchanged (halted, module doc 5.); None: never halts.
 
   Returns:
     `step(state, batch, frozen, key) -> (state, metrics)`, jitted, the state
@@ -184,6 +235,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   """
   traces = [0]
   num_devices = mesh.size
+  k = int(grad_accum_steps)
+  if k < 1:
+    raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps!r}")
+  prepare = getattr(loss_fn, "prepare", None)
 
   def local_grads(params, batch, frozen, specs):
     # `params`: this device's shards, invariant over 'data'. Not pcast to
@@ -193,12 +248,28 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     if stacks:
       extra["gather_block"] = {k: block_gatherer(specs[k]) for k in stacks}
 
-    def loss(p):
-      return loss_fn(gather_params(p, specs), batch, frozen, **extra)
+    def loss(p, b, **kw):
+      return loss_fn(gather_params(p, specs), b, frozen, **extra, **kw)
 
-    (grad_loss, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    if k == 1:
+      (grad_loss, metrics), grads = grad_fn(params, batch)
+      loss_ok = jnp.isfinite(grad_loss)
+    else:
+      acc = Accumulation(k, None if prepare is None else prepare(batch, frozen))
+
+      def micro_step(grads, micro_batch):
+        (grad_loss, metrics), g = grad_fn(params, micro_batch, accumulation=acc)
+        return jax.tree.map(jnp.add, grads, g), (grad_loss, metrics)
+
+      # Micro-batch j: rows [j b/k, (j+1) b/k) of this device's b examples.
+      micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+      grads, (grad_losses, metrics) = jax.lax.scan(
+          micro_step, jax.tree.map(jnp.zeros_like, params), micro)
+      metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+      loss_ok = jnp.all(jnp.isfinite(grad_losses))
     grads = jax.tree.map(lambda g: g / num_devices, grads)
-    local_ok = jnp.isfinite(grad_loss) & all_finite(grads)
+    local_ok = loss_ok & all_finite(grads)
     ok = jax.lax.pmin(local_ok.astype(jnp.int32), AXIS) > 0
     return ok, grads, metrics
 
@@ -215,15 +286,22 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_ema = state.ema
+    if ema_decay > 0:
+      d = ema_decay_at(ema_decay, state.step - state.skipped, warmup=ema_warmup)
+      new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, new_params)
+    keep = lambda cond, new, old: jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
     skip = (~ok).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
+        params=keep(ok, new_params, state.params),
+        opt_state=keep(ok, new_opt, state.opt_state),
         skipped=state.skipped + skip,
         consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
+        ema=keep(ok, new_ema, state.ema),
     )
+    if max_consecutive_skips is not None:  # halted: nothing moves any more
+      new_state = keep(state.consecutive_skips >= max_consecutive_skips, state, new_state)
     new_state = jax.lax.with_sharding_constraint(new_state, sharding_lib.state_shardings(
         new_state, mesh, min_shard_size=min_shard_size))
     metrics = dict(metrics)
@@ -248,6 +326,11 @@ def _pmean_metrics(metrics: dict) -> dict:
   return {k: jax.lax.pmean(jnp.asarray(v, jnp.float32), AXIS) for k, v in metrics.items()}
 
 
+def _share(accumulation: Accumulation | None) -> float:
+  """A micro-batch's share of a batch mean: 1/k (1 without accumulation)."""
+  return 1.0 if accumulation is None else 1.0 / accumulation.steps
+
+
 def vae_latent_shape(vae_graphdef, vae_params, vae_rest, image_shape) -> tuple[int, ...]:
   """Latent shape `[B, h, w, c]` of `encode(images)` (abstract evaluation, no FLOPs)."""
   def enc(p, x):
@@ -261,11 +344,12 @@ def make_vae_loss(config, vae_graphdef, vae_rest, *, compute_dtype):
 
   Batch: `{'image': [b,H,W,3] in [-1,1], 'eps': [b,h,w,c] N(0,1)}` per device.
   All terms are per-device means over equal-size shards, so pmean of the
-  local gradients is the gradient of the global batch mean.
+  local gradients is the gradient of the global batch mean. A micro-batch
+  (`accumulation`) returns them times 1/k: its share of the batch's mean.
   """
   vc = config.vae
 
-  def loss_fn(params, batch, frozen):
+  def loss_fn(params, batch, frozen, accumulation=None):
     del frozen
     model = nnx.merge(vae_graphdef, cast_floating(params, compute_dtype), vae_rest)
     x = batch["image"]
@@ -286,11 +370,12 @@ def make_vae_loss(config, vae_graphdef, vae_rest, *, compute_dtype):
     kl = 0.5 * jnp.mean(jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar,
                                 axis=(1, 2, 3)))
     total = vc.l1_weight * l1 + vc.ssim_weight * ssim_l + vc.kl_weight * kl
+    share = _share(accumulation)
     metrics = _pmean_metrics(dict(l1=l1, ssim=ssim_l, kl=kl, total=total,
                                   l1_weighted=vc.l1_weight * l1,
                                   ssim_weighted=vc.ssim_weight * ssim_l,
                                   kl_weighted=vc.kl_weight * kl))
-    return total, metrics
+    return share * total, {k: share * v for k, v in metrics.items()}
 
   return loss_fn
 
@@ -413,6 +498,13 @@ def make_flow_loss(config, model: velocity_lib.VelocityModel, model_graphdef, va
   `vae_dtype` (default `compute_dtype`) is the frozen VAE's dtype: a pretrained
   VAE runs in the dtype it was loaded in (float32 when it asks for
   `force_upcast`), whatever the velocity model computes in.
+
+  Micro-batches (`accumulation`, train_step's module doc 7.): `loss_fn.prepare`
+  computes the decoded losses' masses of the device's whole batch (psum-ed
+  over devices: the whole global batch), and each micro-batch divides by them
+  (`decoded_losses(masses=)`), so its pixel and SSIM terms are its shares of
+  the batch's, never normalised by its own weight mass; the mse is a mean,
+  shared as 1/k.
   """
   from ssim_jax import flow  # pylint: disable=g-import-not-at-top
   mse_w = float(config.mse_loss_weight)
@@ -421,7 +513,15 @@ def make_flow_loss(config, model: velocity_lib.VelocityModel, model_graphdef, va
   decode = pix_w > 0 or ssim_w > 0
   vae_dtype = compute_dtype if vae_dtype is None else vae_dtype
 
-  def loss_fn(params, batch, frozen, gather_block=None):
+  def prepare(batch, frozen):
+    """The decoded losses' masses of the device's whole batch, psum-ed over devices."""
+    del frozen
+    return flow.decoded_masses(
+        batch["highres"], flow.timestep_weight(batch["t"], max_t=config.ssim_loss_max_t),
+        axis_name=AXIS, window_size=config.ssim_window_size,
+        ms_ssim_levels=config.get("ssim_loss_levels", 1))
+
+  def loss_fn(params, batch, frozen, gather_block=None, accumulation=None):
     vae = nnx.merge(vae_graphdef, cast_floating(frozen["vae"], vae_dtype), vae_rest)
     encode = lambda x: encode_latents(vae, x, compute_dtype=vae_dtype)
     images = batch["highres"]
@@ -433,7 +533,8 @@ def make_flow_loss(config, model: velocity_lib.VelocityModel, model_graphdef, va
     v_pred = model.velocity(model_graphdef, params, x_t, t, cond, compute_dtype=compute_dtype,
                             prepare_block=gather_block)
     v_pred = faults_lib.model_fault(v_pred, batch)  # identity unless config.faults.nan_model_steps
-    mse = jnp.mean(jnp.square(v_pred - v))
+    share = _share(accumulation)
+    mse = share * jnp.mean(jnp.square(v_pred - v))
     metrics = dict(mse=mse, mse_weighted=mse_w * mse)
     grad_loss = mse_w * mse
     if decode:
@@ -444,8 +545,11 @@ def make_flow_loss(config, model: velocity_lib.VelocityModel, model_graphdef, va
           lambda z: decode_latents(vae, z, compute_dtype=vae_dtype),
           chunk_size=config.chunk_size, pixel_loss=config.pixel_loss_type,
           axis_name=AXIS, window_size=config.ssim_window_size,
-          ms_ssim_levels=config.get("ssim_loss_levels", 1))
-      ssim_l, pixel_l, mass = out.ssim, out.pixel, out.weight_mass
+          ms_ssim_levels=config.get("ssim_loss_levels", 1),
+          masses=None if accumulation is None else accumulation.context)
+      # A micro-batch's share of 1 - S / M is 1/k - S_j / M (its ssim is 1 - S_j / M).
+      ssim_l = out.ssim if accumulation is None else out.ssim - 1.0 + share
+      pixel_l, mass = out.pixel, out.weight_mass
       grad_loss = grad_loss + pix_w * pixel_l + ssim_w * ssim_l
       glob = dict(pixel=pixel_l, pixel_weighted=pix_w * pixel_l, ssim=ssim_l,
                   ssim_weighted=ssim_w * ssim_l, weight_mass=mass)
@@ -458,4 +562,6 @@ def make_flow_loss(config, model: velocity_lib.VelocityModel, model_graphdef, va
                         + metrics.get("ssim_weighted", 0.0))
     return grad_loss, metrics
 
+  if decode:
+    loss_fn.prepare = prepare  # type: ignore[attr-defined]
   return loss_fn

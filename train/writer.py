@@ -8,6 +8,9 @@ written as they are (NaN stays NaN in TensorBoard, never 0).
 
 from __future__ import annotations
 
+import glob
+import os
+import struct
 from typing import Any, Mapping
 
 import numpy as np
@@ -91,3 +94,26 @@ class MetricWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+  """`{tag: [(step, value), ...]}` of the scalars in the event files under `logdir`.
+
+  Reads the TFRecord files back with tensorboardX's protos (no TensorFlow), in
+  file then write order: for notebooks and tests comparing runs.
+  """
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"),
+                               recursive=True)):
+    with open(path, "rb") as f:
+      buf = f.read()
+    pos = 0
+    while pos < len(buf):  # records: length (8), crc (4), payload, crc (4)
+      (length,) = struct.unpack("<Q", buf[pos:pos + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(buf[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+  return out

@@ -50,8 +50,10 @@ from ssim_jax.flow.conventions import timestep_weight
 from ssim_jax.flow.conventions import velocity_target
 from ssim_jax.flow.decoded import DEBUG_ENV
 from ssim_jax.flow.decoded import DecodedLosses
+from ssim_jax.flow.decoded import DecodedMasses
 from ssim_jax.flow.decoded import PIXEL_LOSSES
 from ssim_jax.flow.decoded import decoded_losses
+from ssim_jax.flow.decoded import decoded_masses
 from ssim_jax.flow.packing import PackedLayout
 from ssim_jax.flow.packing import image_values
 from ssim_jax.flow.packing import pack
@@ -64,9 +66,11 @@ from ssim_jax.flow.packing import unpatchify
 __all__ = (
     "DEBUG_ENV",
     "DecodedLosses",
+    "DecodedMasses",
     "PIXEL_LOSSES",
     "PackedLayout",
     "decoded_losses",
+    "decoded_masses",
     "image_values",
     "interpolate",
     "pack",

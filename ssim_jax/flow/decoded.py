@@ -55,6 +55,17 @@ class DecodedLosses(NamedTuple):
   decoded: jax.Array
 
 
+class DecodedMasses(NamedTuple):
+  """The normalisers of `decoded_losses` (`decoded_masses`; global when `axis_name` is set).
+
+  Attributes:
+    ssim: float32 scalar `psum(sum_i w_i M_i)`, the SSIM term's denominator.
+    pixel: float32 scalar `psum(sum_i w_i N_i C)`, the pixel term's denominator.
+  """
+  ssim: jax.Array
+  pixel: jax.Array
+
+
 class _Partials(NamedTuple):
   ssim_sum: jax.Array    # float32 [], sum_i w_i S_i
   ssim_mass: jax.Array   # float32 [], sum_i w_i M_i
@@ -73,6 +84,21 @@ def _erode(valid: jax.Array, r: int) -> jax.Array:
     return valid
   padded = jnp.pad(valid, ((0, 0), (0, r), (0, r), (0, 0)))
   return padded[:, r:, r:, :]
+
+
+def _count_and_mask(gt, valid, ssim_kwargs):
+  """`(N_i C [c], SSIM mask or None)` of images `gt` `[c, H, W, C]` with validity `valid`.
+
+  The pixel count is what the pixel term divides image i by; the mask (the
+  validity, eroded by the window radius for 'valid' padding) is the SSIM map's.
+  """
+  if valid is None:
+    return jnp.full(gt.shape[:1], float(np.prod(gt.shape[1:])), jnp.float32), None
+  mask = valid
+  if ssim_kwargs.get("padding", "valid") == "valid":
+    k = checks.effective_window(ssim_kwargs.get("window_size", 11), gt.shape[1], gt.shape[2])
+    mask = _erode(valid, k // 2)
+  return jnp.sum(valid, axis=(1, 2, 3)) * gt.shape[-1], mask
 
 
 def _chunk_losses(z, gt, w, valid, *, decode_fn, pixel_loss, ssim_kwargs,
@@ -101,24 +127,16 @@ def _chunk_losses(z, gt, w, valid, *, decode_fn, pixel_loss, ssim_kwargs,
   # the gradient of every out-of-range pixel (SSIM is range-safe anyway).
   pred01 = pred * 0.5 + 0.5
   gt01 = gt * 0.5 + 0.5
-  channels = gt.shape[-1]
+  count, mask = _count_and_mask(gt, valid, ssim_kwargs)
   if valid is None:
     pixel_per_image = jnp.sum(per_pixel, axis=(1, 2, 3))
-    count = jnp.full(w.shape, float(np.prod(gt.shape[1:])), jnp.float32)
-    mask = None
   else:
     pixel_per_image = jnp.sum(valid * per_pixel, axis=(1, 2, 3))
-    count = jnp.sum(valid, axis=(1, 2, 3)) * channels
     # Zero outside the image: with 'same' padding the borders then see the
     # zeros the image alone would see; with 'valid' the eroded mask drops
     # every window that straddles the padding.
     pred01 = jnp.where(valid > 0, pred01, 0.0)
     gt01 = jnp.where(valid > 0, gt01, 0.0)
-    mask = valid
-    if ssim_kwargs.get("padding", "valid") == "valid":
-      k = checks.effective_window(ssim_kwargs.get("window_size", 11),
-                                  gt.shape[1], gt.shape[2])
-      mask = _erode(valid, k // 2)
   if ms_ssim_levels > 1:
     # MS-SSIM is a product over scales, not a ratio of sums: each image counts
     # with its weight alone (mass w_i), its valid pixels as the mask.
@@ -239,6 +257,7 @@ def decoded_losses(
     padding: str = "valid",
     filter_method: str = "auto",
     ms_ssim_levels: int = 1,
+    masses: DecodedMasses | None = None,
 ) -> DecodedLosses:
   """SSIM and pixel losses of decoded latents, from one decode per image.
 
@@ -280,6 +299,13 @@ def decoded_losses(
       with the standard weights renormalised; images need a side >=
       `(window_size - 1) 2^(levels - 1) + 1`): the SSIM term is then
       `1 - sum_i w_i MS-SSIM_i / sum_i w_i` and `per_image_ssim` holds MS-SSIM.
+    masses: optional `DecodedMasses` to divide by instead of this call's own
+      (psum-ed) masses, e.g. those of a whole batch (`decoded_masses`) when it
+      is processed in micro-batches (gradient accumulation): each call then
+      gives its share, `ssim = 1 - psum(sum w S) / masses.ssim` and `pixel =
+      psum(sum w |d|^p) / masses.pixel`, and the batch's losses are
+      `1 - sum_j (1 - ssim_j)` and `sum_j pixel_j` over micro-batches j (their
+      gradients likewise), to float rounding.
 
   Returns:
     `DecodedLosses(ssim, pixel, weight_mass, per_image_ssim, decoded)`.
@@ -316,9 +342,10 @@ def decoded_losses(
   if isinstance(data_range, bool) or not isinstance(data_range, numbers.Real):
     raise TypeError(f"data_range must be a Python float here (images are sorted "
                     f"and chunked), got {type(data_range).__name__}")
-  if isinstance(ms_ssim_levels, bool) or not isinstance(ms_ssim_levels, numbers.Integral) \
-      or ms_ssim_levels < 1:
-    raise ValueError(f"ms_ssim_levels must be an int >= 1, got {ms_ssim_levels!r}")
+  _check_levels(ms_ssim_levels)
+  if masses is not None and not isinstance(masses, DecodedMasses):
+    raise TypeError(f"masses must be a DecodedMasses (decoded_masses), got "
+                    f"{type(masses).__name__}")
   ssim_kwargs = dict(data_range=data_range, window_size=window_size, sigma=sigma,
                      k1=k1, k2=k2, padding=padding, filter_method=filter_method)
   w = jnp.asarray(weights, jnp.float32)
@@ -357,6 +384,9 @@ def decoded_losses(
   if axis_name is not None:
     parts = _Partials(*(jax.lax.psum(a, axis_name) for a in parts))
     weight_mass = jax.lax.psum(weight_mass, axis_name)
+  if masses is not None:
+    parts = parts._replace(ssim_mass=jnp.asarray(masses.ssim, jnp.float32),
+                           pixel_mass=jnp.asarray(masses.pixel, jnp.float32))
   ssim_loss = loss_from_sums(
       SSIMSums(parts.ssim_sum, parts.ssim_mass))
   pixel = safe_ratio(parts.pixel_sum, parts.pixel_mass)
@@ -375,3 +405,63 @@ def decoded_losses(
     jax.debug.print("\n".join(lines), loss=ssim_loss, pixel=pixel,
                     mass=weight_mass, **values)
   return DecodedLosses(ssim_loss, pixel, weight_mass, per_image, decoded)
+
+
+def _check_levels(ms_ssim_levels) -> None:
+  if isinstance(ms_ssim_levels, bool) or not isinstance(ms_ssim_levels, numbers.Integral) \
+      or ms_ssim_levels < 1:
+    raise ValueError(f"ms_ssim_levels must be an int >= 1, got {ms_ssim_levels!r}")
+
+
+def decoded_masses(
+    images: jax.Array,
+    weights: jax.Array,
+    *,
+    valid_mask: jax.Array | None = None,
+    axis_name: Any = None,
+    window_size: int = 11,
+    padding: str = "valid",
+    ms_ssim_levels: int = 1,
+) -> DecodedMasses:
+  """The masses that `decoded_losses` divides by, without decoding anything.
+
+  They depend on the weights, the image size and the validity only, not on
+  the prediction: computed once for a whole batch and passed as
+  `decoded_losses(..., masses=)` to each of its micro-batches, they make the
+  micro-batches' losses add up to the batch's (gradient accumulation).
+
+  Args:
+    images: ground truth `[N, H, W, 3]` (only its shape is used).
+    weights: per-image weights `[N]` >= 0.
+    valid_mask: optional validity `[N, H, W, 1]` at pixel resolution. (A
+      packed batch decoded with `layout=`: its `layout.mask(downsample=f)`,
+      exact while each image is at least `window_size` pixels wide.)
+    axis_name: mapped axis name(s) to psum the masses over.
+    window_size, padding, ms_ssim_levels: as given to `decoded_losses`.
+
+  Returns:
+    `DecodedMasses(ssim, pixel)`, float32 scalars.
+
+  Example:
+    >>> images = jnp.zeros((4, 16, 16, 3))
+    >>> w = jnp.array([1.0, 0.5, 0.0, 0.5])
+    >>> m = decoded_masses(images, w, window_size=7)   # 10 x 10 map x 3 channels
+    >>> float(m.ssim), float(m.pixel)
+    (600.0, 1536.0)
+  """
+  chex.assert_rank([images, weights], [4, 1])
+  chex.assert_axis_dimension(weights, 0, images.shape[0])
+  _check_levels(ms_ssim_levels)
+  w = jnp.asarray(weights, jnp.float32)
+  hw = tuple(images.shape[1:3])
+  valid = _pixel_valid(valid_mask, images.shape[0], hw, hw)
+  count, mask = _count_and_mask(images, valid, dict(window_size=window_size, padding=padding))
+  if ms_ssim_levels > 1:
+    ssim_mass = jnp.ones_like(w)  # each image counts with its weight alone
+  else:
+    x = jnp.zeros(images.shape, jnp.float32)  # the mass depends on the mask only
+    ssim_mass = ssim_sums(x, x, mask=mask, window_size=window_size, padding=padding).mass
+  out = DecodedMasses(jnp.sum(w * ssim_mass), jnp.sum(w * count))
+  if axis_name is not None:
+    out = DecodedMasses(*(jax.lax.psum(a, axis_name) for a in out))
+  return out

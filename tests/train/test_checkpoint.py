@@ -182,6 +182,26 @@ def test_sigterm_sets_flag_and_handler_is_restored(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is old
 
 
+def test_with_several_processes_preemption_is_agreed_every_n_steps(tmp_path, monkeypatch):
+  """Two (faked) processes: the flags are all-gathered only every
+  preemption_check_every steps, so the steps between never wait on each other;
+  a SIGTERM is acted on at the next agreement step."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = []
+  ck = checkpoint.Checkpointer(tmp_path / "ck", preemption_check_every=3)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: gathered.append(int(x[0])) or np.stack([x, np.zeros_like(x)]))
+  try:
+    assert [ck.agrees_at(s) for s in range(1, 7)] == [False, False, True] * 2
+    assert not any(ck.preemption_requested(s) for s in (1, 2, 3))
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert [ck.preemption_requested(s) for s in (4, 5, 6)] == [False, False, True]
+    assert gathered == [0, 1]  # at steps 3 and 6 only
+  finally:
+    ck.close()
+
+
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     import jax, jax.numpy as jnp
@@ -358,3 +378,46 @@ def test_fsdp_state_restores_onto_another_mesh_and_continues_identically(tmp_pat
       got = jax.device_get(step_on(fsdp, restored, batches[1]).params)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                    expected, got)
+
+
+def test_checkpoint_written_before_the_ema_field_restores(tmp_path, monkeypatch, caplog):
+  """A TrainState saved by the code before `TrainState.ema` existed (the NamedTuple
+  itself, five fields) restores as it was; with EMA turned on its EMA starts from the
+  restored params (a warning says so). A state with EMA round-trips, and restoring
+  it without EMA is a changed state (an error), not damage."""
+  from typing import Any, NamedTuple  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from train import loop  # pylint: disable=g-import-not-at-top
+  from train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  class OldTrainState(NamedTuple):
+    step: Any
+    params: Any
+    opt_state: Any
+    skipped: Any
+    consecutive_skips: Any
+
+  tx = optax.adam(1e-2)
+  params = {"w": jnp.arange(8.0) - 3.0}
+  plain, with_ema = step_lib.init_state(params, tx), step_lib.init_state(params, tx, ema=True)
+  ck = checkpoint.Checkpointer(tmp_path / "ck", install_sigterm_handler=False)
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint, "_stored", lambda tree: tree)  # the save of the code before
+    ck.save(1, OldTrainState(*plain[:5])._replace(step=jnp.int32(1)), force=True)
+  ck.wait()
+  restored = loop._restore(ck, plain)
+  assert restored.ema is None and int(restored.step) == 1
+  _assert_tree_equal(restored.params, params)
+  with caplog.at_level(logging.WARNING):
+    restored = loop._restore(ck, with_ema)
+  assert "has no EMA" in caplog.text and not os.path.exists(str(tmp_path / "ck.damaged"))
+  _assert_tree_equal(restored.ema, params)
+  assert restored.ema["w"] is not restored.params["w"]  # own buffers: the step donates both
+  ck.save(2, restored._replace(ema={"w": jnp.ones(8)}), force=True)
+  ck.wait()
+  again = loop._restore(ck, with_ema)
+  assert int(again.step) == 1
+  _assert_tree_equal(again.ema, {"w": jnp.ones(8)})
+  with pytest.raises(checkpoint.StructureMismatchError):
+    loop._restore(ck, plain)
+  ck.close()

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import ml_collections
 import pytest
 
 from train import config as config_lib
@@ -100,6 +101,15 @@ BAD = [
     ({"ssim_loss_levels": 4}, "ssim_loss_levels", 8),
     ({"ssim_loss_levels": 0}, "ssim_loss_levels", 8),
     ({"vae.ssim_levels": 4}, "vae.ssim_levels", 8),
+    ({"grad_accum_steps": 0}, "grad_accum_steps", 8),
+    ({"ema.decay": 1.0}, "ema.decay", 8),
+    ({"ema.decay": -0.1}, "ema.decay", 8),
+    # (A config file written from scratch: overrides keep a field's type.)
+    ({"ema": ml_collections.ConfigDict(dict(decay=0.9, warmup=1, use_for_eval=True))},
+     "ema.warmup", 8),
+    ({"ema": ml_collections.ConfigDict(dict(decay=0.9, warmup=True, use_for_eval="yes"))},
+     "ema.use_for_eval", 8),
+    ({"preemption_check_every": 0}, "preemption_check_every", 8),
 ]
 
 

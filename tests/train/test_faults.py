@@ -3,7 +3,7 @@
 `python -m train --config=configs/tiny.py --workdir=... --config.faults...` with
 2 CPU devices per subprocess (a NaN on one device must skip the step on all).
 Covered here (not elsewhere): NaN/Inf batch and NaN inside the model -> step
-skipped, counted, parameters and optimizer state bit-identical; kill -9 at a
+skipped, counted, parameters, optimizer state and EMA bit-identical; kill -9 at a
 random step and the same command again -> bit-identical final parameters to an
 uninterrupted run; a corrupted latest checkpoint of a real run -> previous one
 restored with a warning and the run completes (again bit-identical); corrupted
@@ -33,6 +33,7 @@ import pytest
 from train import checkpoint
 from train import config as config_lib
 from train import faults
+from train import writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -41,7 +42,8 @@ from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 V, F = 5, 5  # vae and flow steps: global steps 1..5 are vae, 6..10 flow
 NAN_BATCH = (2, 8)  # vae step 2, flow step 3
 NAN_MODEL = (4, 7)  # vae step 4, flow step 2 (7 and 8: two consecutive skips)
-COMMON = [f"--config.vae.steps={V}", f"--config.flow.steps={F}",
+# EMA on: the flow stage's EMA must be skipped and resumed bit-identically too.
+COMMON = [f"--config.vae.steps={V}", f"--config.flow.steps={F}", "--config.ema.decay=0.9",
           "--config.faults.nan_batch_steps=(%s)" % ",".join(map(str, NAN_BATCH)),
           "--config.faults.nan_model_steps=(%s)" % ",".join(map(str, NAN_MODEL))]
 
@@ -84,20 +86,7 @@ def _equal(a, b):
 
 def _last_scalars(logdir):
   """Last value of each scalar tag in the TensorBoard event files."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  out = {}
-  for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"),
-                               recursive=True)):
-    buf = open(path, "rb").read()
-    pos = 0
-    while pos < len(buf):
-      (length,) = struct.unpack("<Q", buf[pos:pos + 8])
-      ev = event_pb2.Event()
-      ev.ParseFromString(buf[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      for v in ev.summary.value:
-        out[v.tag] = (ev.step, v.simple_value)
-  return out
+  return {tag: values[-1] for tag, values in writer.read_scalars(logdir).items()}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +143,8 @@ def test_nan_batch_and_nan_in_model_are_skipped_bit_identically(reference):
       same = _equal(before["params"], after["params"])
       assert same == (k in bad), (stage, k)
       assert _equal(before["opt_state"], after["opt_state"]) == (k in bad), (stage, k)
+      if stage == "flow":
+        assert _equal(before["ema"], after["ema"]) == (k in bad), (stage, k)
       assert int(after["skipped"]) == sum(b <= k for b in bad)
       assert int(after["step"]) == k
     assert int(states[total]["skipped"]) == 2
@@ -179,6 +170,7 @@ def test_kill9_then_same_command_resumes_bit_identically(reference, killed_and_r
     a, b = _load(ref_dir, st, total), _load(workdir, st, total)
     assert _equal(a["params"], b["params"]), f"{info}: {st} params differ"
     assert _equal(a["opt_state"], b["opt_state"]), f"{info}: {st} optimizer state differs"
+    assert _equal(a.get("ema"), b.get("ema")), f"{info}: {st} EMA differs"
     assert int(a["skipped"]) == int(b["skipped"]) == 2, info
 
 

@@ -252,3 +252,109 @@ def test_a_step_that_does_not_fit_stops_before_step_1(tmp_path, monkeypatch):
   for field in memory_lib.FIELDS:
     assert f"config.{field}" in msg
   assert not [d for d in os.listdir(os.path.join(str(tmp_path), "vae")) if d.isdigit()]
+
+
+# ----------------------------------------------------------------------------
+# A loop that never waits for the device between its sync points.
+
+
+@pytest.fixture
+def transfer_guard_on_cpu(monkeypatch):
+  """Makes `jax.transfer_guard_device_to_host` effective on CPU for this test.
+
+  An accelerator raises on a device-to-host copy under the guard; XLA:CPU hands
+  numpy its buffer without a copy and the guard never fires (jax#16602). Every
+  read of a jax.Array's value goes through `ArrayImpl._value`: checked here
+  against the guard in force, explicit reads (`jax.device_get`) included.
+  """
+  from jax._src import array as array_lib  # pylint: disable=g-import-not-at-top
+  from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+  value = array_lib.ArrayImpl._value
+
+  def guarded(self):
+    if jax_config.transfer_guard_device_to_host.value in ("disallow", "disallow_explicit"):
+      raise RuntimeError(f"Disallowed device-to-host transfer: shape={self.shape}")
+    return value.fget(self)
+
+  monkeypatch.setattr(array_lib.ArrayImpl, "_value", property(guarded))
+  with pytest.raises(RuntimeError, match="Disallowed device-to-host"):
+    with jax.transfer_guard_device_to_host("disallow"):
+      int(jnp.zeros((), jnp.int32) + 1)
+  monkeypatch.setattr(loop, "STEP_TRANSFER_GUARD", "disallow")
+
+
+def _loop_config(**fields):
+  cfg = tiny.get_config()
+  cfg.vae.steps = cfg.flow.steps = 6
+  cfg.log_every = 3
+  cfg.ckpt_every = 3
+  cfg.update_from_flattened_dict(fields)  # {"ema.decay": 0.9, ...}
+  return cfg
+
+
+def test_loop_reads_the_device_only_at_logging_steps(tmp_path, monkeypatch,
+                                                     transfer_guard_on_cpu):
+  """Steps 2, 4, 5 of each stage (not logging, checkpoint or last steps) run under
+  the device-to-host transfer guard "disallow", with gradient accumulation and EMA
+  on; the logging steps write step time, images/s, tokens/s (flow) and MFU (with
+  a peak for the device: CPU has none), and --profile_steps' trace is written."""
+  from train import throughput  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(throughput, "peak_flops_per_second", lambda device=None: 1e12)
+  cfg = _loop_config(grad_accum_steps=2, **{"ema.decay": 0.9})
+  workdir = str(tmp_path / "run")
+  results = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2],
+                                    profile_steps=(4, 5))
+  assert not results["preempted"] and results["skipped"] == {"vae": 0, "flow": 0}
+  scalars = loop.writer_lib.read_scalars(os.path.join(workdir, "logs"))
+  for stage in ("vae", "flow"):
+    assert [s for s, _ in scalars[f"{stage}/total"]] == [3, 6]
+    # Timed from the first step on: the logging steps 3 and 6 both report.
+    for tag in ("step_time_s", "steps_per_sec", "images_per_sec", "mfu"):
+      assert [s for s, _ in scalars[f"{stage}/{tag}"]] == [3, 6], (stage, tag)
+    for (_, sps), (_, ips) in zip(scalars[f"{stage}/steps_per_sec"],
+                                  scalars[f"{stage}/images_per_sec"]):
+      np.testing.assert_allclose(ips, sps * 16, rtol=1e-5)  # 8 images x 2 micro-batches
+    assert all(0 < v for _, v in scalars[f"{stage}/mfu"])
+  assert "vae/tokens_per_sec" not in scalars
+  lat = cfg.data.hr_size // 2 ** (len(cfg.vae.channels) - 1) // cfg.dit.patch_size
+  for (_, ips), (_, tps) in zip(scalars["flow/images_per_sec"], scalars["flow/tokens_per_sec"]):
+    np.testing.assert_allclose(tps, ips * lat * lat, rtol=1e-5)
+  assert glob.glob(os.path.join(workdir, "profile", "**", "*.xplane.pb"), recursive=True)
+  # ema.use_for_eval: the EMA of the last checkpoint is what was evaluated and exported.
+  saved = loop.ckpt_lib.load_numpy(os.path.join(workdir, "flow"), 6)
+  got = leaves(results["params"]["model"])
+  assert all(np.array_equal(a, b) for a, b in zip(got, leaves(saved["ema"])))
+  assert not all(np.array_equal(a, b) for a, b in zip(got, leaves(saved["params"])))
+
+
+def test_a_device_read_between_logging_steps_is_caught(tmp_path, monkeypatch,
+                                                       transfer_guard_on_cpu):
+  """The control: a step that reads a device value (as the loop did every step before)
+  fails under the guard at the first step that is not a sync point."""
+  reads = []
+
+  def reading_step(train_step, config, **kw):
+    del config, kw
+    def step(state, *args):
+      reads.append(int(state.step))  # the old loop's `int(state.consecutive_skips)`
+      return train_step(state, *args)
+    return step
+
+  monkeypatch.setattr(loop.faults_lib, "wrap_train_step", reading_step)
+  with pytest.raises(RuntimeError, match="Disallowed device-to-host"):
+    loop.train_and_evaluate(_loop_config(), str(tmp_path), devices=jax.devices()[:2])
+  assert reads == [0]  # step 1 (a sync point) read; step 2 did not get to
+
+
+def test_too_many_skips_stop_at_the_step_that_hit_the_limit(tmp_path):
+  """NaN batches at vae steps 2 and 3 with max_consecutive_skips=2: the limit is hit
+  at step 3, between logging steps. The loop finds out at step 4 and names step 3;
+  steps 4.. changed nothing, and no checkpoint was written past step 2."""
+  cfg = _loop_config(max_consecutive_skips=2, log_every=4, ckpt_every=2,
+                     **{"faults.nan_batch_steps": (2, 3)})
+  with pytest.raises(loop.TooManySkipsError) as e:
+    loop.train_and_evaluate(cfg, str(tmp_path), devices=jax.devices()[:2])
+  assert str(e.value).startswith(
+      "stage vae: 2 consecutive steps had a non-finite loss or gradient (last at step 3, "
+      "2 skipped in total)")
+  assert sorted(int(d) for d in os.listdir(tmp_path / "vae") if d.isdigit()) == [2]

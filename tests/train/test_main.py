@@ -1,8 +1,12 @@
-"""The command line (`python -m train`): `--compile_only` plans and exits without a workdir."""
+"""The command line (`python -m train`): `--compile_only` plans and exits without a workdir;
+`--profile_steps` is parsed and checked."""
 
 import os
 import subprocess
 import sys
+
+import pytest
+from absl import app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,3 +24,12 @@ def test_compile_only_prints_each_stage_plan_and_trains_nothing(tmp_path):
     assert f"memory plan (stage {stage}): per device" in proc.stdout, proc.stdout
     assert f"stage {stage}: " in proc.stdout and " parameters" in proc.stdout
   assert os.listdir(tmp_path) == []  # no workdir, no checkpoint, no logs
+
+
+def test_profile_steps_flag_is_parsed_and_checked():
+  from train import __main__ as main  # pylint: disable=g-import-not-at-top
+  assert main.parse_profile_steps("3,5") == (3, 5)
+  assert main.parse_profile_steps(None) is None
+  for bad in ("5", "5,3", "0,2", "a,b"):
+    with pytest.raises(app.UsageError, match="--profile_steps"):
+      main.parse_profile_steps(bad)

@@ -365,3 +365,54 @@ def test_decoded_losses_argument_errors():
     flow.decoded_losses(z, images, w, dec, layout=((4, 4), (4, 4)))
   with pytest.raises(TypeError, match="data_range"):
     flow.decoded_losses(z, images, w, dec, data_range=jnp.ones((2,)))
+
+
+@pytest.mark.parametrize("levels,masked", [(1, False), (1, True), (2, False)])
+def test_micro_batches_with_the_batch_masses_add_up_to_the_batch(levels, masked):
+  # Gradient accumulation: a batch split into micro-batches whose weight masses
+  # differ a lot. With the whole batch's masses (decoded_masses) the shares add
+  # up to the batch's losses and gradients; each micro-batch normalised by its
+  # own mass (the default) does not.
+  params, decode = make_conv_decoder()
+  n, size = 6, (8 if levels > 1 else 4)
+  z = jax.random.normal(_key(5), (n, size, size, C_LAT))
+  images = _images(n, size * F, size * F, seed=6)
+  w = jnp.array([1.0, 0.9, 0.8, 0.05, 0.0, 0.02])  # micro-batch masses 2.7 vs 0.07
+  valid = None
+  if masked:
+    valid = jnp.ones((n, size * F, size * F, 1)).at[::2, :, -3:].set(0.0)
+  kw = dict(window_size=WIN, chunk_size=2, ms_ssim_levels=levels, valid_mask=valid)
+
+  def loss(z, lo, hi, masses=None):
+    out = flow.decoded_losses(z[lo:hi], images[lo:hi], w[lo:hi], functools.partial(
+        decode, params), masses=masses, **dict(kw, valid_mask=None if valid is None
+                                                else valid[lo:hi]))
+    return out.ssim + 3.0 * out.pixel, out
+
+  (whole, ref), g_whole = jax.value_and_grad(loss, has_aux=True)(z, 0, n)
+  masses = flow.decoded_masses(images, w, valid_mask=valid, window_size=WIN,
+                               ms_ssim_levels=levels)
+  outs, grads = [], []
+  for lo, hi in ((0, 3), (3, n)):
+    (_, out), g = jax.value_and_grad(loss, has_aux=True)(z, lo, hi, masses)
+    outs.append(out)
+    grads.append(g)
+  np.testing.assert_allclose(1.0 - sum(1.0 - o.ssim for o in outs), ref.ssim, rtol=1e-5)
+  np.testing.assert_allclose(sum(o.pixel for o in outs), ref.pixel, rtol=1e-5)
+  np.testing.assert_allclose(grads[0] + grads[1], g_whole, rtol=1e-4, atol=1e-7)
+  assert float(jnp.abs(g_whole).max()) > 1e-4
+  # The per-micro-batch normalisation (the mistake) is far off.
+  own = [jax.value_and_grad(loss, has_aux=True)(z, lo, hi)[1] for lo, hi in ((0, 3), (3, n))]
+  assert not np.allclose(own[0] + own[1], g_whole, rtol=1e-2, atol=1e-5)
+
+
+def test_decoded_masses_argument_errors():
+  images, w = jnp.zeros((2, 16, 16, 3)), jnp.ones((2,))
+  with pytest.raises(ValueError, match="ms_ssim_levels"):
+    flow.decoded_masses(images, w, ms_ssim_levels=0)
+  with pytest.raises(ValueError, match="valid_mask"):
+    flow.decoded_masses(images, w, valid_mask=jnp.ones((2, 4, 4, 1)))
+  params, decode = make_local_decoder()
+  with pytest.raises(TypeError, match="masses"):
+    flow.decoded_losses(jnp.zeros((2, 4, 4, C_LAT)), images, w,
+                        functools.partial(decode, params), masses=(1.0, 2.0))
