@@ -34,6 +34,7 @@ from train import evaluate as eval_lib
 from train import export as export_lib
 from train import faults as faults_lib
 from train import input_pipeline
+from train import lora as lora_lib
 from train import memory as memory_lib
 from train import pretrained as pretrained_lib
 from train import sharding as sharding_lib
@@ -110,9 +111,12 @@ def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False, mesh=
 class Programs(NamedTuple):
   """Models, optimisers and jitted programs of one (config, mesh): built once per process."""
   vae: tuple  # (graphdef, initial params, rest)
-  model: tuple  # the velocity model's (graphdef, initial params, rest)
+  model: tuple  # the velocity model's (graphdef, initial trained params, rest)
   velocity: velocity_lib.VelocityModel  # config.model's interface
   model_inputs: dict  # its fixed inputs (`VelocityModel.frozen_inputs`), host arrays
+  # LoRA (lora.rank > 0): the frozen base model in the compute dtype and the
+  # state's fsdp layout (`model[1]` is then the adapters only); None otherwise.
+  base: Any
   latent_shape: tuple  # (h, w, c) of one image's latent
   vae_tx: Any
   vae_state0: Any  # TrainState at step 0
@@ -127,6 +131,50 @@ class Programs(NamedTuple):
 
 
 _PROGRAMS: dict = {}
+
+
+def _split_lora(model, velocity, mesh, *, compute_dtype, min_shard_size):
+  """`((graphdef, trained params, rest), frozen base or None)` of the built model.
+
+  With LoRA the trained params are the adapters; the base is cast to the
+  compute dtype and placed in the fsdp layout (a loaded FLUX is already there:
+  not copied). Abstract (ShapeDtypeStruct) trees get those dtypes and shardings.
+  """
+  if not velocity.lora_rank:
+    return model, None
+  graphdef, full, rest = model
+  base, adapters = lora_lib.split(full)
+  shardings = sharding_lib.state_shardings(base, mesh, min_shard_size=min_shard_size)
+
+  def place(x, s):
+    dtype = compute_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=s)
+    x = x.astype(dtype) if x.dtype != dtype else x
+    return x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
+
+  return (graphdef, adapters, rest), jax.tree.map(place, base, shardings)
+
+
+def frozen_inputs(progs: "Programs", vae_params, mesh, *, min_shard_size: int,
+                  abstract: bool = False) -> dict:
+  """The flow step's and sampler's `frozen`: VAE params, the model's fixed inputs, a LoRA base.
+
+  Laid out as `step.frozen_specs` says (the base in the fsdp layout, the rest
+  replicated); `abstract`: as `jax.ShapeDtypeStruct`s with those shardings.
+  """
+  tree = {"vae": vae_params, "model": progs.model_inputs}
+  if progs.base is not None:
+    tree[step_lib.FROZEN_BASE] = progs.base
+  shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec),
+                           step_lib.frozen_specs(tree, mesh, min_shard_size=min_shard_size),
+                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  if abstract:
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh),
+                        tree, shardings)
+  # The base is placed already (`_split_lora`): never copied.
+  return {k: v if k == step_lib.FROZEN_BASE else sharding_lib.put(v, shardings[k])
+          for k, v in tree.items()}
 
 
 def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
@@ -150,6 +198,8 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
   compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
   velocity = velocity_lib.for_config(config)
   vae, model = build_models(config, vae_dtype=compute_dtype, abstract=abstract, mesh=mesh)
+  model, base = _split_lora(model, velocity, mesh, compute_dtype=compute_dtype,
+                            min_shard_size=config.mesh.min_shard_size)
   vae_graphdef, vae_params, vae_rest = vae
   # A trained VAE computes in compute_dtype; a pretrained one in its own dtype.
   vae_dtype = nnx.merge(vae_graphdef, vae_params, vae_rest).dtype or compute_dtype
@@ -177,7 +227,7 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
   init_state = ((lambda p, tx, **kw: jax.eval_shape(lambda q: step_lib.init_state(q, tx, **kw), p))
                 if abstract else step_lib.init_state)
   programs = Programs(
-      vae=vae, model=model, velocity=velocity, model_inputs=velocity.frozen_inputs(),
+      vae=vae, model=model, velocity=velocity, model_inputs=velocity.frozen_inputs(), base=base,
       latent_shape=latent_shape, vae_tx=vae_tx, vae_schedule=vae_schedule,
       vae_state0=init_state(vae_params, vae_tx),
       flow_state0=init_state(model[1], flow_tx, ema=config.ema.decay > 0),
@@ -245,7 +295,8 @@ def memory_plans(config, devices=None, *,
   programs = {"vae": (progs.vae_step, progs.vae_state0, {"image": image(hr)}, {}),
               "flow": (progs.flow_step, progs.flow_state0,
                        {"lowres": image(lr), "highres": image(hr)},
-                       rep({"vae": progs.vae[1], "model": progs.model_inputs}))}
+                       frozen_inputs(progs, progs.vae[1], mesh, abstract=True,
+                                     min_shard_size=config.mesh.min_shard_size))}
   plans = {}
   for name in stages:
     train_step, state0, batch, frozen = programs[name]
@@ -535,7 +586,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
     _say(f"stage flow: {total} steps, {progs.velocity.name} "
          + (f"fine-tuning {base}" if base else "from scratch")
          + (f", resuming at step {int(state.step)}" if int(state.step) else ""))
-    frozen = {"vae": vae_params, "model": step_lib.replicate(progs.model_inputs, mesh)}
+    frozen = frozen_inputs(progs, vae_params, mesh, min_shard_size=config.mesh.min_shard_size)
     val_lowres = step_lib.replicate(np.asarray(val.lowres), mesh)
 
     def evaluate(model_params, step: int, name: str | None):
@@ -607,7 +658,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
                                   for k, v in results["base"].items()})
       rows = {"bicubic": rows["bicubic"], f"base model ({base_field(config)})": results["base"],
               "fine-tuned model": rows["model"]}
-    folder = progs.velocity.export(model_params, workdir)  # every process; process 0 writes
+    # Every process (sharded params are gathered); process 0 writes.
+    folder = progs.velocity.export(step_lib.model_params(model_params, frozen), workdir)
     _say(f"stage flow: exported to {folder}")
     if is_main:
       _write_results(workdir, {**rows, "vae reconstruction": results["vae"]}, per_crop,
@@ -671,10 +723,11 @@ def make_sampler(config, velocity: velocity_lib.VelocityModel, model_graphdef, v
   min_shard_size = config.mesh.min_shard_size
   P = jax.sharding.PartitionSpec
 
-  def local(model_params, frozen, lowres, noise, specs):
-    """One device's crops; its shards of the model's parameters."""
-    params = step_lib.gather_params(model_params, specs)
-    gathers = {k: step_lib.block_gatherer(specs[k]) for k in velocity.stacks if k in params}
+  def local(model_params, frozen, lowres, noise, specs, fspecs):
+    """One device's crops; its shards of the model's parameters (and of a LoRA base)."""
+    full_specs = step_lib.model_specs(specs, fspecs)
+    params = step_lib.gather_params(step_lib.model_params(model_params, frozen), full_specs)
+    gathers = {k: step_lib.block_gatherer(full_specs[k]) for k in velocity.stacks if k in params}
     vae = nnx.merge(vae_graphdef, step_lib.cast_floating(frozen["vae"], vae_dtype), vae_rest)
     encode = lambda x: step_lib.encode_latents(vae, x, compute_dtype=vae_dtype)
     cond = velocity.condition(frozen["model"], lowres, encode, image_hw)
@@ -696,9 +749,10 @@ def make_sampler(config, velocity: velocity_lib.VelocityModel, model_graphdef, v
                                                  jnp.float32))(jnp.arange(padded))
     lowres = jnp.pad(lowres, ((0, padded - n),) + ((0, 0),) * (lowres.ndim - 1))
     specs = sharding_lib.state_specs(model_params, mesh, min_shard_size=min_shard_size)
+    fspecs = step_lib.frozen_specs(frozen, mesh, min_shard_size=min_shard_size)
     out = jax.shard_map(
-        lambda p, f, l, z: local(p, f, l, z, specs), mesh=mesh,
-        in_specs=(specs, P(), P(step_lib.AXIS), P(step_lib.AXIS)),
+        lambda p, f, l, z: local(p, f, l, z, specs, fspecs), mesh=mesh,
+        in_specs=(specs, fspecs, P(step_lib.AXIS), P(step_lib.AXIS)),
         out_specs=P(step_lib.AXIS))(model_params, frozen, lowres, noise)
     return out[:n]
 

@@ -71,6 +71,7 @@ from flax import nnx
 
 import ssim_jax
 from train import faults as faults_lib
+from train import lora as lora_lib
 from train import sharding as sharding_lib
 from train import velocity as velocity_lib
 from jax.sharding import PartitionSpec as P
@@ -188,6 +189,37 @@ def block_gatherer(stacked_specs):
   return lambda params: jax.tree.map(gather_leaf, params, inner)
 
 
+FROZEN_BASE = "base"  # frozen[...]: a LoRA run's frozen base model, in the state's fsdp layout
+
+
+def frozen_specs(frozen, mesh: jax.sharding.Mesh, *,
+                 min_shard_size: int = sharding_lib.MIN_SHARD_SIZE):
+  """PartitionSpecs of a step's `frozen` inputs: replicated, but a LoRA base in the fsdp layout.
+
+  `frozen[FROZEN_BASE]` (the frozen model under LoRA adapters, as large as the
+  model) is split like a train state (`sharding.state_specs`) and gathered one
+  block at a time with the adapters; everything else (VAE params, prompt
+  embeddings) is replicated.
+  """
+  if not isinstance(frozen, dict):
+    return jax.tree.map(lambda _: P(), frozen)
+  return {k: (sharding_lib.state_specs(v, mesh, min_shard_size=min_shard_size)
+              if k == FROZEN_BASE else jax.tree.map(lambda _: P(), v))
+          for k, v in frozen.items()}
+
+
+def model_params(params, frozen):
+  """The velocity model's parameters: the trained ones, with a LoRA run's frozen base joined in."""
+  if isinstance(frozen, dict) and FROZEN_BASE in frozen:
+    return lora_lib.combine(frozen[FROZEN_BASE], params)
+  return params
+
+
+def model_specs(specs, fspecs):
+  """`model_params` for the specs of the trained params and of `frozen`."""
+  return model_params(specs, fspecs)
+
+
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
@@ -240,16 +272,16 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps!r}")
   prepare = getattr(loss_fn, "prepare", None)
 
-  def local_grads(params, batch, frozen, specs):
+  def local_grads(params, batch, frozen, specs, fspecs):
     # `params`: this device's shards, invariant over 'data'. Not pcast to
     # varying: the gradient comes back summed over devices in this layout.
-    extra = {}
-    stacks = [k for k in sharding_lib.STACKED if isinstance(params, dict) and k in params]
+    full_specs, extra = model_specs(specs, fspecs), {}
+    stacks = [k for k in sharding_lib.STACKED if isinstance(full_specs, dict) and k in full_specs]
     if stacks:
-      extra["gather_block"] = {k: block_gatherer(specs[k]) for k in stacks}
+      extra["gather_block"] = {k: block_gatherer(full_specs[k]) for k in stacks}
 
     def loss(p, b, **kw):
-      return loss_fn(gather_params(p, specs), b, frozen, **extra, **kw)
+      return loss_fn(gather_params(model_params(p, frozen), full_specs), b, frozen, **extra, **kw)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     if k == 1:
@@ -279,9 +311,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       batch = make_inputs(batch, jax.random.fold_in(key, state.step))
       batch = jax.lax.with_sharding_constraint(batch, sharding_lib.batch_sharding(mesh))
     grad_specs = sharding_lib.state_specs(state.params, mesh, min_shard_size=min_shard_size)
+    fspecs = frozen_specs(frozen, mesh, min_shard_size=min_shard_size)
     ok, grads, metrics = jax.shard_map(
-        lambda p, b, f: local_grads(p, b, f, grad_specs), mesh=mesh,
-        in_specs=(grad_specs, P(AXIS), P()), out_specs=(P(), grad_specs, P()))(
+        lambda p, b, f: local_grads(p, b, f, grad_specs, fspecs), mesh=mesh,
+        in_specs=(grad_specs, P(AXIS), fspecs), out_specs=(P(), grad_specs, P()))(
             state.params, batch, frozen)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)

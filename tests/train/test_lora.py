@@ -159,3 +159,35 @@ def test_dit_targets_and_errors():
   cfg.lora.init_from = "/nonexistent.safetensors"
   with pytest.raises(config_lib.ConfigError, match="lora.init_from"):
     config_lib.validate(cfg, num_devices=1)
+
+
+@pytest.mark.slow
+def test_flux_tiny_lora_run_exports_an_adapter_diffusers_loads(base_folder, tmp_path):
+  """configs/flux_tiny.py from a diffusers folder with lora.rank=4 (2 devices, fsdp 2):
+  only the adapters train (the checkpoint holds them and their optimizer state, not
+  the base); the exported pytorch_lora_weights.safetensors, loaded by diffusers onto
+  that same base, gives the outputs of the merged export/transformer."""
+  from train import loop  # pylint: disable=g-import-not-at-top
+  cfg = flux_tiny.get_config()
+  cfg.flux.pretrained = base_folder
+  cfg.lora.rank = 4
+  cfg.mesh.fsdp = 2
+  cfg.flow.learning_rate = 3e-2  # a visible update in 4 steps
+  workdir = str(tmp_path / "run")
+  results = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2])
+  assert not results["preempted"] and results["skipped"]["flow"] == 0
+  saved = loop.ckpt_lib.load_numpy(os.path.join(workdir, "flow"), cfg.flow.steps)
+  last_keys = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(saved["params"])}
+  assert last_keys == {"lora_A", "lora_B"}  # the adapters only: no base weights
+  adapters = sum(x.size for x in jax.tree.leaves(saved["params"]))
+  moments = sum(x.size for x in jax.tree.leaves(saved["opt_state"]) if np.ndim(x))
+  assert moments == 2 * adapters < flux.read_config(base_folder).num_params()
+  adapter = os.path.join(workdir, "export", "lora")
+  merged = diffusers.FluxTransformer2DModel.from_pretrained(
+      os.path.join(workdir, "export", "transformer")).eval()
+  ref = diffusers.FluxTransformer2DModel.from_pretrained(base_folder).eval()
+  before = _theirs(ref, _inputs())
+  ref.load_lora_adapter(adapter, weight_name=lora.LORA_FILE, prefix="transformer")
+  after = _theirs(ref, _inputs())
+  assert np.abs(after - before).max() > 1e-4 * np.abs(before).max()  # the adapter trained
+  np.testing.assert_allclose(_theirs(merged, _inputs()), after, atol=2e-5 * np.abs(after).max())
