@@ -219,7 +219,8 @@ def _memory_plan(name: str, train_step, state, batch, frozen, key) -> None:
                                                 name=f"stage {name}"), state)
   limit = memory_lib.device_limit()
   _say(plan.line(name=f"stage {name}", limit=limit))
-  memory_lib.check_fit(plan, limit=limit, name=f"stage {name}")
+  memory_lib.check_fit(plan, limit=limit, name=f"stage {name}",
+                       note=memory_lib.limit_note(jax.local_devices()[0]))
 
 
 def memory_plans(config, devices=None, *,
@@ -229,8 +230,10 @@ def memory_plans(config, devices=None, *,
   Lowers and compiles the step of each of `stages` on abstract state, batch
   and frozen params laid out as a run lays them out (`scripts/memory_plan.py`);
   a pretrained VAE is still read. Stages that a run would skip are left out.
-  `devices` may be a compile-only TPU topology's (`scripts/memory_plan.py
-  --topology`): the steps are compiled for those chips without them.
+  `devices` may be a compile-only topology's (`memory.topology_devices`:
+  TPU slices, H100 hosts; `scripts/memory_plan.py --topology`): the steps
+  are compiled for those chips without them. Each plan carries the step's
+  matmul FLOPs per device (`memory.step_flops`).
 
   Raises:
     memory.MemoryPlanError: the compiler ran out of the devices' memory.
@@ -260,8 +263,11 @@ def memory_plans(config, devices=None, *,
                                              min_shard_size=config.mesh.min_shard_size)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
                          state0, shardings)
-    plans[name] = memory_lib.plan(memory_lib.compile_step(
-        train_step.lower(state, batch, frozen, key), name=f"stage {name}"), state)
+    traced = train_step.trace(state, batch, frozen, key)
+    plans[name] = memory_lib.plan(
+        memory_lib.compile_step(traced.lower(), name=f"stage {name}",
+                                compiler_options=memory_lib.compiler_options(devices)),
+        state, flops=memory_lib.step_flops(traced.jaxpr, num_devices=len(devices)))
   return plans
 
 
