@@ -114,15 +114,10 @@ def test_pod_config_step_compiles_and_its_plan_scales():
   print(plan.line(name="stage flow, pod depth 2"))
 
 
-def _small_pod_config():
-  """configs/tiny.py's data and VAE with a DiT of 7.6 M parameters (31 MB float32),
-  large next to its activations (32 px images, 16 tokens), so that a step that held
-  the whole model on a chip would show in its temporaries."""
-  return _load_config("configs/tiny.py", {"batch_size": 4, "mesh.fsdp": 4, **_SMALL_DIT})
-
-
-# The small DiT of `_small_pod_config`; every leaf split over fsdp (params per chip
-# exactly 1/fsdp).
+# configs/tiny.py's data and VAE with a DiT of 7.6 M parameters (31 MB float32), large
+# next to its activations (32 px images, 16 tokens), so that a step that held the whole
+# model on a chip would show in its temporaries; every leaf split over fsdp (params per
+# chip exactly 1/fsdp).
 _SMALL_DIT = {"data.hr_size": 16, "mesh.min_shard_size": 0, "precision": "bfloat16",
               "dit.hidden_size": 256, "dit.num_heads": 4, "dit.depth": 8, "dit.remat": "full",
               "vae.steps": 0}
@@ -145,8 +140,18 @@ def _load_config(path: str, overrides: dict):
   return cfg
 
 
+# Configs compiled for a TPU slice (v5e:2x2) in CI: (config file, overrides), with fsdp 4,
+# every parameter split (mesh.min_shard_size 0), float32 master weights of more than 30 MB
+# (so that a whole-model temporary would show).
+TPU_PLAN_CONFIGS = [
+    pytest.param("configs/tiny.py", {"batch_size": 4, "mesh.fsdp": 4, **_SMALL_DIT}, id="tiny"),
+]
+
+
 @pytest.mark.compile_only
-def test_small_config_compiles_for_a_tpu_topology_without_holding_the_whole_model(plan_plugins):
+@pytest.mark.parametrize("config_file, overrides", TPU_PLAN_CONFIGS)
+def test_small_config_compiles_for_a_tpu_topology_without_holding_the_whole_model(
+    plan_plugins, config_file, overrides):
   """The flow step compiled by the TPU compiler (libtpu's compile-only client, no
   TPU) for v5e:2x2 with fsdp=4: params per chip are exactly 1/4 of the model's,
   and neither the temporaries nor the compiler's peak come near the float32 model:
@@ -154,13 +159,14 @@ def test_small_config_compiles_for_a_tpu_topology_without_holding_the_whole_mode
   del plan_plugins  # on the path of the child pytest this runs in (tests/conftest.py)
   devices = memory.topology_devices("v5e:2x2")
   assert len(devices) == 4 and devices[0].platform == "tpu"
-  cfg = _small_pod_config()
+  cfg = _load_config(config_file, overrides)
+  assert cfg.mesh.fsdp == 4
   plan = loop.memory_plans(cfg, devices, stages=("flow",))["flow"]
   mesh = sharding.make_mesh(fsdp=4, devices=devices)
   progs = loop.build_programs(cfg, mesh, abstract=True)
   whole = sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
               for x in jax.tree.leaves(progs.flow_state0.params))
-  assert plan.num_params * 4 == whole > 30e6  # 7.6 M float32 parameters
+  assert plan.num_params * 4 == whole > 30e6  # float32; tiny's small DiT: 7.6 M
   assert plan.params * 4 == whole  # exactly 1/fsdp per chip
   # Adam's two moments in the same layout (+ its int32 step counters, replicated).
   assert 2 * plan.params <= plan.opt_state < 2 * plan.params + 64
