@@ -49,6 +49,16 @@ this replaced needed 36.9 GiB per chip at depth 24 (a compile of the
 previous step, the issue's table). The temporaries are now the frozen VAE's
 encoder at 512 px and its decoder chunks for the SSIM loss (lower
 `chunk_size` or `batch_size` first), not the model.
+
+For one host of 8 H100 80GB, compiled by XLA:GPU with no GPU (`python
+scripts/memory_plan.py --config=configs/pod.py --topology=h100:8
+--stages=flow`, full depth, the shared 2-core machine: 77 s, 39 s CPU):
+
+  per device 218.25 MiB params + 436.49 MiB optimizer state, step arguments
+  999.99 MiB, outputs 654.74 MiB, temporaries 3.40 GiB; peak ~4.37 GiB of the
+  59.36 GiB JAX's allocator takes by default; 92.2 TFLOP per step per GPU
+  (>= 93 ms at the H100's peak). cuBLAS/cuDNN are compiled untuned there (no
+  workspace), so the GPU's temporaries are a close lower bound.
 """
 
 from configs import base

@@ -50,6 +50,18 @@ GiB (temporaries 29.09 GiB, 817 s wall, 358 s CPU). Each further image costs
 ~0.33 GiB (v5e) / ~0.48 GiB (v5p), so about 30 images per chip would stay
 under 12 GiB on v5e and about 100 under 64 GiB on v5p (~170 under 95 GiB):
 linear extrapolations, not compiled.
+
+H100 hosts, compiled by XLA:GPU with no GPU (deviceless AOT; `--topology=h100:8`,
+the 2-core machine shared with other work, so the times are upper bounds):
+
+  h100:8 (one host of 8 H100 80GB), --config.batch_size=8 --config.mesh.fsdp=8
+  (1 image per GPU): per device 3.04 GiB params + 6.08 GiB optimizer state,
+    step arguments 9.43 GiB, outputs 9.12 GiB, temporaries 4.67 GiB; peak
+    ~14.10 GiB of the 59.36 GiB JAX's allocator takes by default; 45.7 TFLOP
+    per step per GPU (matmuls and convolutions, remat included: >= 46 ms per
+    step at the H100's 989 TFLOP/s). Compiled in 35-63 s (35 s CPU).
+  h100:2x8, --config.batch_size=16 --config.mesh.fsdp=16: 1.52 + 3.04 GiB,
+    temporaries 3.10 GiB, peak ~7.98 GiB per GPU; compiled in 62 s.
 """
 
 from configs import pod

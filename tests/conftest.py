@@ -3,13 +3,25 @@
 Eight fake CPU devices are configured before JAX initialises, so that
 `jax.shard_map` tests run in-process over a real 8-device mesh; tests that
 need one device take `jax.devices()[:1]`.
+
+Tests marked `compile_only` compile for TPU slices or H100 hosts through the
+compile-only plugins, which the test environment does not have (they would
+make its `import jax` print TPU / CUDA errors): such a test takes the
+`plan_plugins` fixture (tests/plan_plugins.py installs them once) and runs,
+as written, in a child pytest whose path has them.
 """
 
 import os
+import re
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import plan_plugins as plan_plugins_lib  # noqa: E402  (tests/ is on the path)
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -26,3 +38,36 @@ hypothesis.settings.register_profile(
                            hypothesis.HealthCheck.data_too_large],
 )
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def plan_plugins() -> str:
+  """The folder of the compile-only plugins (installed once per jaxlib version)."""
+  return plan_plugins_lib.install()
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "compile_only: compiles for TPU/GPU topologies; runs in a child pytest with "
+      "the compile-only plugins on its path (takes the plan_plugins fixture)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+  """Runs a `compile_only` test in a child pytest with the plugins, unless this is that child."""
+  if pyfuncitem.get_closest_marker("compile_only") is None or os.environ.get(
+      plan_plugins_lib.CHILD_ENV):
+    return None
+  if "plan_plugins" not in pyfuncitem.funcargs:
+    pytest.fail(f"{pyfuncitem.nodeid} is marked compile_only: it must take the plan_plugins "
+                "fixture (the folder its child pytest runs with)")
+  cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+  result = subprocess.run(cmd, cwd=plan_plugins_lib.ROOT, capture_output=True, text=True,
+                          env=plan_plugins_lib.child_env(pyfuncitem.funcargs["plan_plugins"]),
+                          check=False)
+  print(result.stdout[-6000:])
+  if result.returncode or not re.search(r"^1 passed", result.stdout, re.M):  # or skipped
+    pytest.fail(f"in the child pytest with the compile-only plugins ({' '.join(cmd)}), "
+                f"exit {result.returncode}:\n{result.stdout[-8000:]}\n{result.stderr[-3000:]}",
+                pytrace=False)
+  return True

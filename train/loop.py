@@ -257,14 +257,18 @@ def _memory_plan(name: str, train_step, state, batch, frozen, key, *,
                  flops: bool = False) -> float | None:
   """Compiles the step (the first call reuses it), logs the plan, checks the fit.
 
-  Returns the step's FLOPs (`throughput.step_flops`, one device's) when `flops`.
+  Returns one device's FLOPs of the step (`memory.step_flops`) when `flops`.
   """
-  lowered = train_step.lower(state, batch, frozen, key)
-  plan = memory_lib.plan(memory_lib.compile_step(lowered, name=f"stage {name}"), state)
+  traced = train_step.trace(state, batch, frozen, key)
+  step_flops = (memory_lib.step_flops(traced.jaxpr, num_devices=jax.device_count())
+                if flops else None)
+  plan = memory_lib.plan(memory_lib.compile_step(traced.lower(), name=f"stage {name}"), state,
+                         flops=step_flops or 0.0)
   limit = memory_lib.device_limit()
   _say(plan.line(name=f"stage {name}", limit=limit))
-  memory_lib.check_fit(plan, limit=limit, name=f"stage {name}")
-  return throughput_lib.step_flops(lowered) if flops else None
+  memory_lib.check_fit(plan, limit=limit, name=f"stage {name}",
+                       note=memory_lib.limit_note(jax.local_devices()[0]))
+  return step_flops
 
 
 def memory_plans(config, devices=None, *,
@@ -274,8 +278,10 @@ def memory_plans(config, devices=None, *,
   Lowers and compiles the step of each of `stages` on abstract state, batch
   and frozen params laid out as a run lays them out (`scripts/memory_plan.py`);
   a pretrained VAE is still read. Stages that a run would skip are left out.
-  `devices` may be a compile-only TPU topology's (`scripts/memory_plan.py
-  --topology`): the steps are compiled for those chips without them.
+  `devices` may be a compile-only topology's (`memory.topology_devices`:
+  TPU slices, H100 hosts; `scripts/memory_plan.py --topology`): the steps
+  are compiled for those chips without them. Each plan carries the step's
+  matmul FLOPs per device (`memory.step_flops`).
 
   Raises:
     memory.MemoryPlanError: the compiler ran out of the devices' memory.
@@ -308,8 +314,11 @@ def memory_plans(config, devices=None, *,
                                              min_shard_size=config.mesh.min_shard_size)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
                          state0, shardings)
-    plans[name] = memory_lib.plan(memory_lib.compile_step(
-        train_step.lower(state, batch, frozen, key), name=f"stage {name}"), state)
+    traced = train_step.trace(state, batch, frozen, key)
+    plans[name] = memory_lib.plan(
+        memory_lib.compile_step(traced.lower(), name=f"stage {name}",
+                                compiler_options=memory_lib.compiler_options(devices)),
+        state, flops=memory_lib.step_flops(traced.jaxpr, num_devices=len(devices)))
   return plans
 
 
@@ -501,7 +510,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
   if profile_steps is not None:
     profiler = throughput_lib.Profiler(*profile_steps, os.path.join(workdir, "profile"))
   profiled = "flow" if config.flow.steps else "vae"
-  peak = throughput_lib.peak_flops_per_second(devices[0])
+  peak = memory_lib.peak_flops_per_second(devices[0])
 
   # 2. Data: each process builds only its rows of the global batch.
   nproc = jax.process_count()

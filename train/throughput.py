@@ -9,15 +9,14 @@ Per logging interval (`config.log_every` steps) the loop writes, per stage:
 - `tokens_per_sec`: the tokens the velocity model's transformer processes per
   image (`VelocityModel.sequence_length`: the DiT's latent patches; FLUX's
   target, condition and text tokens) times images/s (flow stage);
-- `mfu`: model FLOPs utilisation, `flops / (step time x peak FLOP/s of one
-  device)`. `flops` is the step's cost analysis before optimisation
-  (`step_flops`, computed once when the step is first lowered). The per-device
-  loss and gradient run under `shard_map`, whose body is lowered at one
-  device's shapes, so this is one device's FLOPs per step (the optimizer
-  update outside shard_map counts at global shapes: a small overcount for
-  real models); rematerialised forward passes are included. The peak is the
-  dense bf16 peak of the chip (`peak_flops_per_second`); where it is unknown
-  (CPU, an unlisted chip) no MFU is written, never a zero.
+- `mfu`: FLOPs utilisation, `flops / (step time x peak FLOP/s of one
+  device)`. `flops` is one device's matmul and convolution FLOPs of the step,
+  counted once from its traced program before optimisation
+  (`memory.step_flops`: scan bodies times their length, which XLA's own
+  `cost_analysis()` counts once, and it is None for compile-only GPU/TPU
+  plans); rematerialised forward passes are included (hardware FLOPs). The
+  peak is the chip's dense bf16 peak (`memory.peak_flops_per_second`); where
+  it is unknown (CPU, an unlisted chip) no MFU is written, never a zero.
 """
 
 from __future__ import annotations
@@ -29,46 +28,6 @@ from typing import Any
 
 import jax
 
-# Dense bf16 peak FLOP/s of one chip, by `device.device_kind` prefix (the longest
-# matching prefix wins). Vendor figures: Cloud TPU system architecture pages,
-# NVIDIA H100/H200/A100 datasheets (dense, without sparsity).
-# TODO(lead): merge with `train.memory.peak_flops_per_second` (same signature), one table.
-_PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H100": 989e12,  # SXM
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
-
-
-def peak_flops_per_second(device=None) -> float | None:
-  """Dense bf16 peak FLOP/s of one `device` (the first device by default); None if unknown."""
-  device = jax.devices()[0] if device is None else device
-  kind = str(getattr(device, "device_kind", ""))
-  matches = [k for k in _PEAK_FLOPS if kind.startswith(k)]
-  return _PEAK_FLOPS[max(matches, key=len)] if matches else None
-
-
-def step_flops(lowered) -> float | None:
-  """FLOPs of a lowered step from its cost analysis before optimisation; None if absent."""
-  try:
-    cost = lowered.cost_analysis()
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("no cost analysis of the step (%s: %s): no MFU", type(e).__name__, e)
-    return None
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
 
 class Meter:
   """Times the loop's logging intervals; `interval(steps)` gives their scalars.
@@ -76,8 +35,8 @@ class Meter:
   Args:
     images_per_step: images of the global batch per step.
     tokens_per_image: the velocity model's tokens per image (None: no tokens/s).
-    flops: one device's FLOPs per step (`step_flops`; None: no MFU).
-    peak: one device's peak FLOP/s (`peak_flops_per_second`; None: no MFU).
+    flops: one device's FLOPs per step (`memory.step_flops`; None: no MFU).
+    peak: one device's peak FLOP/s (`memory.peak_flops_per_second`; None: no MFU).
   """
 
   def __init__(self, *, images_per_step: int, tokens_per_image: int | None = None,

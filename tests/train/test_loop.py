@@ -298,8 +298,8 @@ def test_loop_reads_the_device_only_at_logging_steps(tmp_path, monkeypatch,
   the device-to-host transfer guard "disallow", with gradient accumulation and EMA
   on; the logging steps write step time, images/s, tokens/s (flow) and MFU (with
   a peak for the device: CPU has none), and --profile_steps' trace is written."""
-  from train import throughput  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(throughput, "peak_flops_per_second", lambda device=None: 1e12)
+  from train import memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory, "peak_flops_per_second", lambda device=None: 1e12)
   cfg = _loop_config(grad_accum_steps=2, **{"ema.decay": 0.9})
   workdir = str(tmp_path / "run")
   results = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2],

@@ -1,11 +1,8 @@
-"""train/throughput.py: the chip table, tokens per image, the interval scalars, step FLOPs."""
+"""train/throughput.py: tokens per image, the interval scalars, the profiler."""
 
 import os
 import sys
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from train import throughput
@@ -13,22 +10,6 @@ from train import throughput
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
-
-
-class _Device(NamedTuple):
-  device_kind: str
-
-
-@pytest.mark.parametrize("kind,peak", [
-    ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v4", 275e12),
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None), ("NVIDIA GeForce RTX 4090", None)])
-def test_peak_of_a_chip_by_its_kind_and_none_when_unknown(kind, peak):
-  assert throughput.peak_flops_per_second(_Device(kind)) == peak
-
-
-def test_no_peak_on_this_cpu():
-  assert throughput.peak_flops_per_second() is None
 
 
 def test_tokens_per_image_are_what_the_velocity_model_processes():
@@ -55,11 +36,6 @@ def test_interval_scalars(monkeypatch):
   no_peak.start()  # 15
   # No peak (CPU): no MFU at all, not a zero; no tokens per image: no tokens/s.
   assert set(no_peak.interval(1)) == {"step_time_s", "steps_per_sec", "images_per_sec"}
-
-
-def test_step_flops_from_the_lowered_cost_analysis():
-  lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 2)))
-  assert throughput.step_flops(lowered) == 2 * 4 * 8 * 2
 
 
 def test_profiler_validates_its_steps(tmp_path):
