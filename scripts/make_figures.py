@@ -1,4 +1,4 @@
-"""Regenerates the README figures in docs/figures/ (deterministic).
+"""Regenerates the figures in docs/figures/ (shown by the docs pages) (deterministic).
 
   python scripts/make_figures.py                    # docs/figures/ssim_maps.png, ssim3d.png
   python scripts/make_figures.py --from-run WORKDIR # also docs/figures/sample_grid.png
