@@ -6,7 +6,7 @@ degradation + batching) with `data.num_workers` = 0, 1 and 2. `data.cache_bytes=
 file for every sample, as with a folder too large to hold (EyeQ). The time to the first batch
 (worker start-up) is reported apart and not counted in images/s.
 
-    python benchmarks/bench_input.py                    # the README's run
+    python benchmarks/bench_input.py                    # the run of benchmarks/README.md
     python benchmarks/bench_input.py --batches 8 --workers 0   # smoke run
 
 Run against a checkout without `train/input_pipeline.py` (the hand-written pipeline of

@@ -15,7 +15,7 @@
    one chunk of N without remat for scale. The VAE parameters are jit
    arguments, as in the trainer.
 
-  python benchmarks/bench_vae.py                       # the README figures
+  python benchmarks/bench_vae.py                       # the figures of benchmarks/README.md
   python benchmarks/bench_vae.py --image 64 --mem_image 128 --mem_n 2   # smoke run
 """
 

@@ -1,4 +1,4 @@
-"""Default config: the README's main job, a few CPU minutes.
+"""Default config: the main job (docs/main_job.rst), a few CPU minutes.
 
   python -m train --config=configs/default.py --workdir=runs/demo
 
@@ -9,8 +9,8 @@ fine-tunes the shipped base model (`train/assets/retina_dit_base`, trained
 with the plain velocity loss by configs/flow_retina_base.py) with a decoded
 loss, on the frozen shipped retina VAE (`train/assets/retina_vae`,
 configs/vae_retina.py), as field report 000 fine-tunes a pretrained latent
-model with a decoded term. The loss mix is the one the study of README "What
-the SSIM loss buys" supports: velocity mse + 1.0 L1 of the decoded image; the
+model with a decoded term. The loss mix is the one the SSIM-loss study (docs/study.rst)
+supports: velocity mse + 1.0 L1 of the decoded image; the
 SSIM term (0.5 before) lowered SSIM there, more the higher its weight, and is
 off (`configs/mixed.py` keeps the old mix). The table shows bicubic, the base
 model and the fine-tuned model on held-out crops.
@@ -20,7 +20,7 @@ import os
 
 from configs import base
 
-# The pretrained models shipped in the package (train/assets/, README: how they were made).
+# The pretrained models shipped in the package (train/assets/, docs/main_job.rst: how they were made).
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "train", "assets")
 
@@ -29,7 +29,7 @@ def get_config():
   c = base.get_config()
   c.batch_size = 8  # global
   # The task: x4 super-resolution of fundus crops at DRIVE-like resolution
-  # (the photograph downscaled x2) with a first-order degradation (README).
+  # (the photograph downscaled x2) with a first-order degradation (docs/main_job.rst).
   c.data.retina_downscale = 2
   c.data.blur_sigma = 1.6
   c.data.noise_level = 5.0

@@ -3,7 +3,7 @@
   python -m train --config=configs/flow_retina_base.py --workdir=runs/flow_retina_base
 
 A flow-matching DiT trained with the plain velocity loss (mse only, no
-decoded pixel or SSIM term) on the shipped retina VAE, for the README's
+decoded pixel or SSIM term) on the shipped retina VAE, for docs/main_job.rst's
 main job (`configs/default.py`) to fine-tune with the SSIM loss, as field
 report 000 fine-tunes a pretrained latent model. The run writes the model to
 `runs/flow_retina_base/export/dit`, which is copied into the package.

@@ -8,6 +8,6 @@ from configs import default
 
 def get_config():
   c = default.get_config()
-  c.pixel_loss_weight = 0.5  # the main job's loss before the study (README)
+  c.pixel_loss_weight = 0.5  # the main job's loss before the study (docs/study.rst)
   c.ssim_loss_weight = 0.5
   return c

@@ -1,6 +1,6 @@
 """Flow loss without decoded terms (velocity mse only): the main job's control.
 
-The study of README "What the SSIM loss buys" (scripts/study.py) uses the same
+The SSIM-loss study (docs/study.rst) (scripts/study.py) uses the same
 control at its own size (`configs/study_fundus.py`).
 
   python -m train --config=configs/mse_only.py --workdir=/tmp/ssim_sr_mse

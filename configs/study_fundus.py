@@ -5,7 +5,7 @@
 The main job's task (`configs/default.py`: x4 super-resolution of fundus crops
 under blur 1.6 -> area x4 -> noise 5 -> 8 bits, the frozen shipped retina VAE)
 at 32 px crops and 64 held-out crops, sized so that all arms fit about one CPU
-hour on one core (README "What the SSIM loss buys": how the size was chosen).
+hour on one core (docs/study.rst: how the size was chosen).
 As given here it trains the shared base model from scratch with the velocity
 loss only (2000 steps); the study's arms fine-tune that base
 (`--config.dit.pretrained=runs/study/fundus_base/export/dit`) for 1000 steps

@@ -1,4 +1,4 @@
-"""Regenerates the README figures in docs/figures/ (deterministic).
+"""Regenerates the figures in docs/figures/ (shown by the docs pages) (deterministic).
 
   python scripts/make_figures.py                    # docs/figures/ssim_maps.png, ssim3d.png
   python scripts/make_figures.py --from-run WORKDIR # also docs/figures/sample_grid.png
@@ -169,7 +169,7 @@ def make_ssim_maps(path: str, *, size: int = 256) -> dict[str, float]:
     h, w = a.shape[:2]
     return a[h // 4:h - h // 4, w // 4:w - w // 4]
 
-  _show(axes[2, 0], zoom(cx), "report 004: 6% foreground on\nconstant 0.5 (centre shown)",
+  _show(axes[2, 0], zoom(cx), "6% foreground on a constant\n0.5 background (centre shown)",
         cmap="gray", vmin=0, vmax=1)
   _show(axes[2, 1], zoom(cy), "prediction: noisy foreground", cmap="gray", vmin=0, vmax=1)
   over = np.ma.masked_where(naive <= 1.0, np.ones_like(naive))

@@ -10,7 +10,7 @@ unfinished one resumes from its checkpoints. Each run's wall time is printed,
 written to its workdir (time.json) and appended to the log (docs/study/log.md,
 committed with the tables).
 
-Design (README "What the SSIM loss buys"):
+Design (docs/study.rst, "What the SSIM loss buys"):
 - flow groups (`fundus`, `mr`): one shared base model trained from scratch with
   the velocity mse only (an early model the loss can still shape), then every
   arm fine-tunes it with the same steps, data order and training noise (the

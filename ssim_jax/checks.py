@@ -1,10 +1,16 @@
 """Argument validation shared by every public ssim_jax function.
 
 Every check here runs at trace time, on static information (shapes, dtypes,
-Python scalars). Values of arrays are only inspected when they are concrete
-(not traced): under `jax.jit` a negative mask or a non-positive per-image
-`data_range` cannot be detected without a host synchronisation, which the
-library never does; such inputs are the caller's contract there.
+Python scalars). Values of arrays are inspected only when they are host data
+(numpy arrays, Python numbers and lists): a `jax.Array`'s values, traced or
+concrete, are never read, so no call copies device data to the host, under
+`jax.jit` or not. A negative `jax.Array` mask or a non-positive per-image
+`data_range` held in a `jax.Array` is the caller's contract.
+
+Options that decide shapes or the program (window, constants, padding, modes,
+`spatial_dims`, `spacing`, `channel_axis`, MS-SSIM's `levels` and `weights`)
+are static: a traced one is a `TypeError` that shows the `static_argnames`
+fix (`check_static`). `data_range` and masks are ordinary (traceable) arrays.
 
 Errors are `TypeError` (wrong kind of thing: integer images, a float window
 size) or `ValueError` (right kind, wrong value or shape), and the message
@@ -36,17 +42,20 @@ TRUNCATE = 3.5
 
 
 class Images(NamedTuple):
-  """Validated image pair.
+  """Validated image pair, moved to channels-last.
 
   Attributes:
     x: float32 `[B, H, W, C]` (volumes `[B, D, H, W, C]`).
     y: float32, same shape as `x`.
     batched: False when the caller passed `[H, W, C]` (`[D, H, W, C]`);
       results then drop the batch axis.
+    channel_axis: the channel axis in the caller's array, >= 0 (results
+      with a channel axis, the SSIM map, go back there).
   """
   x: jax.Array
   y: jax.Array
   batched: bool
+  channel_axis: int
 
 
 class Window(NamedTuple):
@@ -67,9 +76,65 @@ def _axis_letters(spatial_dims: int) -> str:
   return "HW" if spatial_dims == 2 else "DHW"
 
 
-def _dims_text(spatial_dims: int, batched: bool) -> str:
-  inner = ", ".join(_axis_letters(spatial_dims))
-  return f"[B, {inner}, C]" if batched else f"[{inner}, C]"
+def _dims_text(spatial_dims: int, batched: bool, channel_axis: int = -1,
+               channels: str = "C") -> str:
+  """The layout in words, e.g. `[B, H, W, C]`, or `[B, C, H, W]` for
+  `channel_axis=1` (`channel_axis` counted in the caller's rank)."""
+  names = (["B"] if batched else []) + list(_axis_letters(spatial_dims))
+  position = channel_axis % (len(names) + 1)
+  names.insert(position, channels)
+  return "[" + ", ".join(names) + "]"
+
+
+def _is_traced(value: Any) -> bool:
+  if isinstance(value, (tuple, list)):
+    return any(_is_traced(v) for v in value)
+  return isinstance(value, jax.core.Tracer)
+
+
+def check_static(fn: str, **options: Any) -> None:
+  """Raises a `TypeError` showing the `static_argnames` fix for a traced option.
+
+  Args:
+    fn: the public function's name, e.g. "ssim" (used in the fix shown).
+    **options: the static options of the call, by name (a sequence option
+      is traced when any of its entries is).
+  """
+  for name, value in options.items():
+    if _is_traced(value):
+      raise TypeError(
+          f"{name} is a static option of ssim_jax.{fn} (it decides shapes or "
+          f"the program) and cannot be a traced value. Under jax.jit mark it "
+          f"static: jax.jit(ssim_jax.{fn}, static_argnames=({name!r},)), or "
+          f"close over it: jax.jit(lambda x, y: ssim_jax.{fn}(x, y, "
+          f"{name}=...)). Only data_range and the mask are traceable.")
+
+
+def check_channel_axis(channel_axis: Any, ndim: int, *, batched: bool) -> int:
+  """Validates `channel_axis` for images of rank `ndim`, returns it >= 0.
+
+  Args:
+    channel_axis: int in [-ndim, ndim) (default -1: channels-last); not the
+      batch axis 0 of batched images.
+    ndim: the rank of the caller's images.
+    batched: whether axis 0 is the batch axis.
+  """
+  if isinstance(channel_axis, bool) or not isinstance(
+      channel_axis, numbers.Integral):
+    raise TypeError(
+        f"channel_axis must be an int (-1: channels-last [B, H, W, C]; 1: "
+        f"channels-first [B, C, H, W]), got {channel_axis!r}; for grayscale "
+        f"images without a channel axis add one (x[..., None])")
+  axis = int(channel_axis)
+  if not -ndim <= axis < ndim:
+    raise ValueError(
+        f"channel_axis={axis} is out of range for images of rank {ndim}")
+  axis %= ndim
+  if batched and axis == 0:
+    raise ValueError(
+        f"channel_axis must not be the batch axis 0 of rank-{ndim} images; "
+        f"use channel_axis=1 for channels-first [B, C, H, W] images")
+  return axis
 
 
 def check_spatial_dims(spatial_dims: Any) -> int:
@@ -84,8 +149,10 @@ def check_spatial_dims(spatial_dims: Any) -> int:
   return int(spatial_dims)
 
 
-def _is_concrete(a: Any) -> bool:
-  return not isinstance(a, jax.core.Tracer)
+def _on_host(a: Any) -> bool:
+  """Whether `a`'s values can be read without a device-to-host copy (numpy
+  data; a `jax.Array`, traced or not, is never read)."""
+  return isinstance(a, (np.ndarray, np.generic))
 
 
 def _as_array(a: Any, name: str) -> Any:
@@ -107,24 +174,32 @@ def _check_float_dtype(a: Any, name: str) -> None:
         f"x.astype(jnp.float32) / 255.0")
 
 
-def check_images(x: Any, y: Any, *, spatial_dims: int = 2) -> Images:
-  """Validates an image pair and casts it to float32 `[B, *S, C]`.
+def check_images(x: Any, y: Any, *, spatial_dims: int = 2,
+                 channel_axis: Any = -1,
+                 min_side: int = MIN_IMAGE_SIZE) -> Images:
+  """Validates an image pair and casts it to float32 channels-last `[B, *S, C]`.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (spatial_dims=2); `[B, D, H, W, C]` or
-      `[D, H, W, C]` (spatial_dims=3); float16/bfloat16/float32.
+      `[D, H, W, C]` (spatial_dims=3); float16/bfloat16/float32; the
+      channel axis where `channel_axis` says.
     y: same shape as `x`, floating.
     spatial_dims: 2 or 3 (validated by `check_spatial_dims`). The rank is
       never used to guess it: a rank-5 array without spatial_dims=3 is an
       error, not a volume.
+    channel_axis: the channel axis of `x` and `y` (`check_channel_axis`);
+      it is moved last.
+    min_side: the smallest spatial side accepted (3, the smallest SSIM
+      window; 1 for PSNR).
 
   Returns:
-    `Images` with float32 arrays (statistics are always computed in float32).
+    `Images` with float32 channels-last arrays (statistics are always
+    computed in float32).
 
   Raises:
     TypeError: non-array or non-floating (integer, bool, complex) images.
     ValueError: wrong rank for `spatial_dims`, shape mismatch, empty channel
-      axis, or a spatial side smaller than 3 pixels.
+      axis, or a spatial side smaller than `min_side` pixels.
   """
   spatial_dims = check_spatial_dims(spatial_dims)
   x = _as_array(x, "x")
@@ -147,24 +222,30 @@ def check_images(x: Any, y: Any, *, spatial_dims: int = 2) -> Images:
         f"y must have the same shape as x, got x {tuple(x.shape)} and y "
         f"{tuple(y.shape)}")
   batched = x.ndim == rank
+  axis = check_channel_axis(channel_axis, x.ndim, batched=batched)
+  shape = tuple(x.shape)
+  shape = shape[:axis] + shape[axis + 1:] + (shape[axis],)  # channels-last
   if not batched:
-    x, y = x[None], y[None]
-  _, *sides, c = x.shape
+    shape = (1,) + shape
+  _, *sides, c = shape
   if c < 1:
-    raise ValueError(f"x must have at least one channel, got shape {x.shape}")
-  if min(sides) < MIN_IMAGE_SIZE:
+    raise ValueError(f"x must have at least one channel, got shape "
+                     f"{tuple(x.shape)}")
+  if min(sides) < min_side:
     got = ", ".join(f"{a}={n}" for a, n in
                     zip(_axis_letters(spatial_dims), sides))
     kind = "images" if spatial_dims == 2 else "volumes"
-    smallest = "x".join([str(MIN_IMAGE_SIZE)] * spatial_dims)
+    smallest = "x".join([str(min_side)] * spatial_dims)
+    why = (" (the smallest SSIM window)" if min_side == MIN_IMAGE_SIZE
+           else "")
     raise ValueError(
-        f"x {kind} must be at least {smallest} pixels (the smallest SSIM "
-        f"window), got {got}")
-  x = jnp.asarray(x, jnp.float32)
-  y = jnp.asarray(y, jnp.float32)
-  chex.assert_rank([x, y], rank)
-  chex.assert_equal_shape([x, y])
-  return Images(x, y, batched)
+        f"x {kind} must be at least {smallest} pixels{why}, got {got}")
+  x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
+  y = jnp.moveaxis(jnp.asarray(y, jnp.float32), axis, -1)
+  if not batched:
+    x, y = x[None], y[None]
+  chex.assert_shape([x, y], shape)
+  return Images(x, y, batched, axis)
 
 
 def _check_positive_real(value: Any, name: str) -> float:
@@ -279,6 +360,55 @@ def effective_window(window_size: int, *sides: int) -> int:
   return max(MIN_IMAGE_SIZE, largest_odd)
 
 
+def check_layout(caller_shape: tuple[int, ...], images: Images,
+                 window: Window, *, needed: Sequence[int] | None = None,
+                 what: str = "the {k}-pixel window",
+                 small_fix: str = "") -> None:
+  """Refuses 2-D input that is probably channels-first read as channels-last.
+
+  A `[B, C, H, W]` batch read as `[B, H, W, C]` has an "H" of C (3 for RGB)
+  and W "channels": it would only fit by shrinking the window, and the
+  result would be a wrong number. So 2-D images with a spatial side below
+  what the call needs (the requested window; MS-SSIM: its pyramid) and more
+  channels than that side are an error naming `channel_axis`. Genuinely
+  small images with many channels pass with a `window_size` that fits (then
+  nothing shrinks).
+
+  Args:
+    caller_shape: the shape of the caller's `x`.
+    images: the validated images (`check_images`), channels-last.
+    window: the requested window (`check_window`).
+    needed: the smallest side per spatial axis the call needs without
+      shrinking (default: the window).
+    what: what needs it, in the message; `{k}` is the side needed.
+    small_fix: the fix for genuinely small images (default: a window_size
+      that fits).
+
+  Raises:
+    ValueError: naming `channel_axis` and `window_size`.
+  """
+  _, *sides, c = images.x.shape
+  if len(sides) != 2:
+    return
+  needed = window.sizes if needed is None else tuple(needed)
+  for i, (n, k) in enumerate(zip(sides, needed)):
+    if n >= k or c <= n:
+      continue
+    # The caller's axis that holds this "spatial" side.
+    rest = [a for a in range(len(caller_shape)) if a != images.channel_axis]
+    side_axis = rest[i + 1 if images.batched else i]
+    ours = _dims_text(2, images.batched, images.channel_axis)
+    theirs = _dims_text(2, images.batched, side_axis)
+    fix = small_fix or (f"pass a window_size that fits (window_size="
+                        f"{min(effective_windows(window, sides))})")
+    raise ValueError(
+        f"x of shape {tuple(caller_shape)}, read as {ours}, has "
+        f"{'HW'[i]}={n}, below {what.format(k=k)}, and {c} channels: it is "
+        f"probably channels-first. Pass channel_axis={side_axis} for "
+        f"{theirs} images (PyTorch's layout); for small images with many "
+        f"channels, {fix}.")
+
+
 def check_constants(k1: Any, k2: Any) -> tuple[float, float]:
   """Validates the SSIM stabilising constants (both > 0, so 0/0 cannot occur)."""
   return _check_positive_real(k1, "k1"), _check_positive_real(k2, "k2")
@@ -308,9 +438,11 @@ def check_data_range(data_range: Any, batch: int, *,
   Args:
     data_range: Python float > 0, or a floating array of shape `[]` or `[B]`
       (per-image dynamic range). Array values are checked (> 0, finite) only
-      when concrete; under `jit` they are the caller's contract.
+      for numpy arrays; a `jax.Array`'s values are the caller's contract
+      (reading them would copy them to the host).
     batch: B.
-    ks: `(k1, k2)`; `(k * data_range)^2` must be a normal, finite float32.
+    ks: `(k1, k2)`; `(k * data_range)^2` must be a normal, finite float32
+      (PSNR passes `(1.0,)`: its `data_range^2`).
 
   Returns:
     float32 `[B]`.
@@ -333,7 +465,7 @@ def check_data_range(data_range: Any, batch: int, *,
     raise ValueError(
         f"data_range must be a scalar or have shape [B]=({batch},), got "
         f"{tuple(data_range.shape)}")
-  if _is_concrete(data_range):
+  if _on_host(data_range):
     values = np.asarray(data_range, np.float64)
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
       raise ValueError(
@@ -342,7 +474,12 @@ def check_data_range(data_range: Any, batch: int, *,
   return jnp.broadcast_to(jnp.asarray(data_range, jnp.float32), (batch,))
 
 
-def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+def check_choice(value: Any, name: str, choices: Sequence[str], *,
+                 any_case: bool = False) -> str:
+  """`value` if it is one of `choices` (lower-cased first with `any_case`:
+  `padding="SAME"` is lax's and Flax's spelling)."""
+  if isinstance(value, str) and any_case:
+    value = value.lower()
   if not isinstance(value, str) or value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
   return value
@@ -355,21 +492,26 @@ def check_filter_method(method: Any) -> str:
 
 
 def check_mask(mask: Any, shape: tuple[int, ...], *, batched: bool,
-               name: str = "mask") -> jax.Array | None:
+               name: str = "mask", channel_axis: int = -1
+               ) -> jax.Array | None:
   """Validates a mask (per-pixel non-negative weights) for images of `shape`.
 
   Args:
-    mask: None, or an array with the rank of the images (`[B, H, W, 1|C]`
-      for batched images, `[H, W, 1|C]` otherwise; volumes with D before H)
-      whose leading axes may be 1 (broadcast). bool, integer and floating
-      masks are accepted. Values (non-negative, not NaN) are checked only
-      when concrete.
-    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the validated images.
+    mask: None, or an array with the rank of the images, laid out like them
+      (`[B, H, W, 1|C]` for batched channels-last images, `[H, W, 1|C]`
+      unbatched, `[B, 1|C, H, W]` with `channel_axis=1`; volumes with D
+      before H) whose leading axes may be 1 (broadcast). bool, integer and
+      floating masks are accepted. Values (non-negative, not NaN) are
+      checked only for numpy masks (a `jax.Array`'s values are never read).
+    shape: `[B, H, W, C]` (or `[B, D, H, W, C]`) of the validated images,
+      channels-last.
     batched: whether the caller's images had a batch axis.
     name: argument name used in errors.
+    channel_axis: the channel axis of the caller's images and mask, >= 0
+      (`Images.channel_axis`); -1: the last.
 
   Returns:
-    None, or float32 `[B, H, W, 1|C]` (`[B, D, H, W, 1|C]`).
+    None, or float32 channels-last `[B, H, W, 1|C]` (`[B, D, H, W, 1|C]`).
   """
   if mask is None:
     return None
@@ -380,25 +522,30 @@ def check_mask(mask: Any, shape: tuple[int, ...], *, batched: bool,
     raise TypeError(f"{name} must be real (bool, int or float), got {dtype}")
   spatial_dims = len(shape) - 2
   want_rank = len(shape) if batched else len(shape) - 1
-  expected = _dims_text(spatial_dims, batched).replace(", C]", ", 1|C]")
+  expected = _dims_text(spatial_dims, batched, channel_axis, "1|C")
   if mask.ndim != want_rank:
     raise ValueError(
         f"{name} must have rank {want_rank} {expected} like the images, got "
         f"shape {tuple(mask.shape)}")
-  full = tuple(mask.shape) if batched else (1,) + tuple(mask.shape)
+  axis = channel_axis % want_rank
+  caller = tuple(mask.shape)
+  full = caller[:axis] + caller[axis + 1:] + (caller[axis],)
+  if not batched:
+    full = (1,) + full
   if not all(m in (1, n) for m, n in zip(full, shape)):
+    images = tuple(shape) if batched else tuple(shape[1:])
+    images = images[:axis] + (images[-1],) + images[axis:-1]
     raise ValueError(
-        f"{name} of shape {tuple(mask.shape)} does not broadcast to the "
-        f"images {tuple(shape) if batched else tuple(shape[1:])}; expected "
-        f"{expected}")
-  if _is_concrete(mask):
+        f"{name} of shape {caller} does not broadcast to the images "
+        f"{images}; expected {expected}")
+  if _on_host(mask):
     values = np.asarray(mask, np.float64)
     if np.any(np.isnan(values)):
       raise ValueError(f"{name} contains NaN")
     if np.any(values < 0):
       raise ValueError(
           f"{name} must be non-negative, got minimum {values.min()}")
-  mask = jnp.asarray(mask, jnp.float32)
+  mask = jnp.moveaxis(jnp.asarray(mask, jnp.float32), axis, -1)
   if not batched:
     mask = mask[None]
   return jnp.broadcast_to(mask, tuple(shape[:-1]) + (full[-1],))

@@ -39,6 +39,8 @@ from ssim_jax import plan as plan_lib
 from ssim_jax import planes
 from ssim_jax import route as route_lib
 from ssim_jax import stats as stats_lib
+from ssim_jax.ssim import SSIMSums
+from ssim_jax.ssim import loss_from_sums
 from ssim_jax.ssim import safe_ratio
 
 # Wang et al. 2003, the five standard scale weights.
@@ -77,8 +79,6 @@ def _check_levels(levels: Any, weights: Any) -> tuple[float, ...]:
     # Fewer levels: the first `levels` standard weights, renormalised to 1.
     w = np.asarray(DEFAULT_WEIGHTS[:levels], np.float64)
     return tuple(float(v) for v in w / w.sum())
-  if isinstance(weights, jax.core.Tracer):
-    raise TypeError("weights must be concrete (Python floats), not traced")
   try:
     w = np.asarray(weights, np.float64).reshape(-1)
   except (TypeError, ValueError) as e:
@@ -230,21 +230,28 @@ def _too_small_message(sides, window: checks.Window, levels: int) -> str:
           f"only while it stays >= its window); {use}")
 
 
-def _ms_ssim_parts(x, y, *, data_range, window_size, sigma, k1, k2, padding,
-                   mask, mask_mode, filter_method, levels, weights,
-                   spatial_dims, spacing):
-  """Validated MS-SSIM: (per-image value [B], per-image mass [B], batched)."""
-  level_weights = _check_levels(levels, weights)
-  levels = len(level_weights)
+def _ms_ssim_parts(x, y, *, fn, data_range, window_size, sigma, k1, k2,
+                   padding, mask, mask_mode, filter_method, levels, weights,
+                   spatial_dims, spacing, channel_axis):
+  """Validated MS-SSIM of public function `fn`: (per-image value [B],
+  per-image level-0 mask mass [B], batched)."""
   # Every check and decision up front: the plan (the window is not shrunk:
   # every level uses the same window), the size check, each scale's route.
   p = plan_lib.make_plan(
-      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
-      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
-      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing,
-      shrink_window=False)
+      x, y, fn=fn, data_range=data_range, window_size=window_size,
+      sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+      mask_mode=mask_mode, filter_method=filter_method,
+      spatial_dims=spatial_dims, spacing=spacing, channel_axis=channel_axis,
+      shrink_window=False, levels=levels, weights=weights)
+  level_weights = _check_levels(levels, weights)
+  levels = len(level_weights)
   ws = p.window.sizes
   sides = tuple(p.x.shape[1:-1])
+  checks.check_layout(
+      tuple(np.shape(x)), checks.Images(p.x, p.y, p.batched, p.channel_axis),
+      p.window, needed=min_sizes(levels, ws),
+      what=f"the {{k}} pixels MS-SSIM needs for levels={levels}",
+      small_fix="use fewer levels or a smaller window_size")
   if any(n < m for n, m in zip(sides, min_sizes(levels, ws))):
     raise ValueError(_too_small_message(sides, p.window, levels))
   routes = _level_routes(p, levels)
@@ -302,6 +309,7 @@ def ms_ssim(
     weights: Sequence[float] | None = None,
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
 ) -> jax.Array:
   """Per-image MS-SSIM (Wang et al. 2003)::
 
@@ -310,6 +318,9 @@ def ms_ssim(
   over `M = levels` scales, the images (and mask) average-pooled by 2 from one
   scale to the next, `cs_j` the contrast-structure map at scale j, `w_j` the
   level weights; channels are averaged by their level-0 mask mass.
+
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -324,7 +335,7 @@ def ms_ssim(
       one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
-    padding: "valid" or "same".
+    padding: "valid" or "same" (either case).
     mask: optional non-negative weights `[B, H, W, 1|C]`
       (`[B, D, H, W, 1|C]`), pooled with the images at each level.
     mask_mode: "weighted" or "foreground".
@@ -337,6 +348,8 @@ def ms_ssim(
     spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
       for volumes, e.g. mm): `sigma` is then physical, and the default
       window per axis the odd size covering +-3.5 sigma / spacing voxels.
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1:
+      channels-last; 1: channels-first `[B, C, H, W]`, PyTorch's layout).
 
   Returns:
     float32 `[B]` in [0, 1] (scalar for `[H, W, C]` inputs); 0 with zero
@@ -353,10 +366,11 @@ def ms_ssim(
     ValueError: x images of 48x48 are too small for MS-SSIM with levels=5 and window_size=11: the minimum side is 161; ...
   """
   value, _, batched = _ms_ssim_parts(
-      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
-      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
-      filter_method=filter_method, levels=levels, weights=weights,
-      spatial_dims=spatial_dims, spacing=spacing)
+      x, y, fn="ms_ssim", data_range=data_range, window_size=window_size,
+      sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+      mask_mode=mask_mode, filter_method=filter_method, levels=levels,
+      weights=weights, spatial_dims=spatial_dims, spacing=spacing,
+      channel_axis=channel_axis)
   return value if batched else value[0]
 
 
@@ -377,8 +391,12 @@ def ms_ssim_loss(
     weights: Sequence[float] | None = None,
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
 ) -> jax.Array:
   """Scalar `1 - MS-SSIM`, images weighted by their (level-0) mask mass.
+
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -391,7 +409,7 @@ def ms_ssim_loss(
       one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
-    padding: "valid" or "same".
+    padding: "valid" or "same" (either case).
     mask: optional non-negative weights `[B, H, W, 1|C]`
       (`[B, D, H, W, 1|C]`).
     mask_mode: "weighted" or "foreground".
@@ -403,6 +421,8 @@ def ms_ssim_loss(
     spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
       for volumes, e.g. mm): `sigma` is then physical, and the default
       window per axis the odd size covering +-3.5 sigma / spacing voxels.
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1:
+      channels-last; 1: channels-first `[B, C, H, W]`, PyTorch's layout).
 
   Returns:
     float32 scalar in [0, 1]; 0 with zero gradient when the mask mass is 0.
@@ -413,12 +433,96 @@ def ms_ssim_loss(
     >>> bool(0 < ms_ssim_loss(x, y, levels=2, window_size=7) < 0.1)
     True
   """
-  value, mass, _ = _ms_ssim_parts(
-      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
-      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
-      filter_method=filter_method, levels=levels, weights=weights,
-      spatial_dims=spatial_dims, spacing=spacing)
-  total = jnp.sum(mass)
-  return jnp.where(total > 0,
-                   1.0 - safe_ratio(jnp.sum(mass * value), total), 0.0)
+  sums = _ms_ssim_sums(
+      x, y, fn="ms_ssim_loss", data_range=data_range,
+      window_size=window_size, sigma=sigma, k1=k1, k2=k2, padding=padding,
+      mask=mask, mask_mode=mask_mode, filter_method=filter_method,
+      levels=levels, weights=weights, spatial_dims=spatial_dims,
+      spacing=spacing, channel_axis=channel_axis)
+  return loss_from_sums(sums)
 
+
+def _ms_ssim_sums(x, y, **options) -> SSIMSums:
+  value, mass, batched = _ms_ssim_parts(x, y, **options)
+  sums = SSIMSums(mass * value, mass)
+  return sums if batched else SSIMSums(sums.weighted_sum[0], sums.mass[0])
+
+
+def ms_ssim_sums(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    data_range: float | jax.Array = 1.0,
+    window_size: int | Sequence[int] | None = None,
+    sigma: float | Sequence[float] = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    padding: str = "valid",
+    mask: jax.Array | None = None,
+    mask_mode: str = "weighted",
+    filter_method: str = "auto",
+    levels: int = 5,
+    weights: Sequence[float] | None = None,
+    spatial_dims: int = 2,
+    spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
+) -> SSIMSums:
+  """Per-image MS-SSIM as additive partials, for batches split over devices.
+
+  `weighted_sum` is each image's MS-SSIM times its weight, the level-0 mask
+  mass (the count of map positions x channels without a mask), and `mass`
+  that weight; so `weighted_sum / mass` is `ms_ssim` and
+  `loss_from_sums(sums, axis_name=...)` over a batch split across devices
+  (or chunks) is the `ms_ssim_loss` of the whole batch. MS-SSIM is not a
+  mean of a map (it is a product of powers of per-scale means), so these
+  sums are per image: split the batch, not an image.
+
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
+
+  Args:
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
+      floating; the size rule of `ms_ssim`.
+    y: same shape as `x`.
+    data_range: float or float array `[B]`.
+    window_size: odd window >= 3, or one per spatial axis (None: 11, with
+      `spacing` +-3.5 sigma per axis).
+    sigma: Gaussian standard deviation, pixels (physical with `spacing`),
+      one or one per spatial axis.
+    k1: luminance constant.
+    k2: contrast constant.
+    padding: "valid" or "same" (either case).
+    mask: optional non-negative weights `[B, H, W, 1|C]`
+      (`[B, D, H, W, 1|C]`).
+    mask_mode: "weighted" or "foreground".
+    filter_method: blur lowering.
+    levels: number of scales.
+    weights: optional per-level exponents.
+    spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
+      C]`, or `[D, H, W, C]`); never guessed from the rank.
+    spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
+      for volumes, e.g. mm).
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1:
+      channels-last; 1: channels-first `[B, C, H, W]`, PyTorch's layout).
+
+  Returns:
+    `SSIMSums(weighted_sum, mass)`, each float32 `[B]` (scalars for
+    `[H, W, C]` inputs).
+
+  Example:
+    >>> x = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))   # [B, H, W, C]
+    >>> y = 0.8 * x + 0.1                                           # lower contrast
+    >>> s = ms_ssim_sums(x, y, levels=2, window_size=7)
+    >>> s.mass                            # the 42 x 42 level-0 map x 3 channels
+    Array([5292., 5292.], dtype=float32)
+    >>> bool(jnp.allclose(s.weighted_sum / s.mass, ms_ssim(x, y, levels=2, window_size=7)))
+    True
+    >>> bool(loss_from_sums(s) == ms_ssim_loss(x, y, levels=2, window_size=7))
+    True
+  """
+  return _ms_ssim_sums(
+      x, y, fn="ms_ssim_sums", data_range=data_range,
+      window_size=window_size, sigma=sigma, k1=k1, k2=k2, padding=padding,
+      mask=mask, mask_mode=mask_mode, filter_method=filter_method,
+      levels=levels, weights=weights, spatial_dims=spatial_dims,
+      spacing=spacing, channel_axis=channel_axis)

@@ -3,6 +3,18 @@
 Contract (all public functions): images channels-last `[B, H, W, C]` (or
 `[H, W, C]`, then the batch axis is dropped from results), float16, bfloat16
 or float32; statistics and results in float32; one value per image pair.
+`channel_axis` puts the channels elsewhere (1: PyTorch's `[B, C, H, W]`);
+masks follow the images' layout and `ssim_map` returns the caller's. Input
+that is probably channels-first read as channels-last (a side below the
+window and more channels than that side) is an error naming `channel_axis`.
+
+Under `jax.jit` the options that decide shapes or the program are static
+(window, sigma, k1, k2, padding, mask_mode, filter_method, spatial_dims,
+spacing, channel_axis; MS-SSIM's levels and weights; `l1_ssim_loss`'s
+ssim_weight): mark them in `static_argnames` (e.g.
+`jax.jit(ssim_jax.ssim, static_argnames=("window_size",))`) or close over
+them; a traced one is a `TypeError` showing that fix. `data_range` and the
+mask are traceable arrays.
 With `spatial_dims=3` the same holds for volumes `[B, D, H, W, C]` (or
 `[D, H, W, C]`): the window, the statistics, the masks and the map gain the
 D axis, through the same code.
@@ -51,6 +63,7 @@ formula, and the reduction (`SSIMSums`, `loss_from_sums`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import chex
@@ -136,6 +149,16 @@ def _unbatch(a: jax.Array, batched: bool) -> jax.Array:
   return a if batched else a[0]
 
 
+def _planned_sums(x, y, *, fn: str, **options) -> SSIMSums:
+  """The plan of a call to public function `fn`, then `_sums`, unbatched as
+  the caller's images were."""
+  p = plan_lib.make_plan(x, y, fn=fn, **options)
+  out = _sums(p)
+  chex.assert_shape([out.weighted_sum, out.mass], (p.x.shape[0],))
+  return SSIMSums(_unbatch(out.weighted_sum, p.batched),
+                  _unbatch(out.mass, p.batched))
+
+
 def ssim_map(
     x: jax.Array,
     y: jax.Array,
@@ -151,8 +174,12 @@ def ssim_map(
     filter_method: str = "auto",
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
 ) -> jax.Array:
   """Per-pixel SSIM map.
+
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -170,7 +197,8 @@ def ssim_map(
     k2: contrast constant, C2 = (k2 L)^2.
     padding: "valid" (map `[B, H-K+1, W-K+1, C]`; skimage, dm_pix,
       pytorch-msssim, tf.image.ssim) or "same" (zero padding, map
-      `[B, H, W, C]`; Gaussian-splatting code, fused-ssim).
+      `[B, H, W, C]`; Gaussian-splatting code, fused-ssim); either case
+      ("SAME", lax's and Flax's spelling, is accepted).
     mask: optional non-negative weights `[B, H, W, 1|C]`
       (`[B, D, H, W, 1|C]`). In "weighted" mode
       the map does not depend on it (use `ssim` for the weighted mean); in
@@ -185,10 +213,12 @@ def ssim_map(
     spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
       for volumes, e.g. mm): `sigma` is then physical, and the default
       window per axis the odd size covering +-3.5 sigma / spacing voxels.
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1:
+      channels-last; 1: channels-first `[B, C, H, W]`, PyTorch's layout).
 
   Returns:
-    float32 map `[B, H', W', C]` (no batch axis for `[H, W, C]` inputs),
-    values in [-1, 1]. In foreground mode, windows without mask mass hold the
+    float32 map `[B, H', W', C]` (no batch axis for `[H, W, C]` inputs; the
+    channels at `channel_axis`, as in `x`), values in [-1, 1]. In foreground mode, windows without mask mass hold the
     finite value 1 (they carry no weight in `ssim`).
 
   Example:
@@ -196,14 +226,19 @@ def ssim_map(
     >>> y = 0.8 * x + 0.1                                           # lower contrast
     >>> ssim_map(x, y).shape, ssim_map(x, y, padding="same").shape   # K = 11
     ((2, 38, 38, 3), (2, 48, 48, 3))
+    >>> nchw = jnp.moveaxis(x, -1, 1)                               # [B, C, H, W]
+    >>> ssim_map(nchw, 0.8 * nchw + 0.1, channel_axis=1).shape
+    (2, 3, 38, 38)
   """
   p = plan_lib.make_plan(
-      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
-      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
-      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing)
+      x, y, fn="ssim_map", data_range=data_range, window_size=window_size,
+      sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+      mask_mode=mask_mode, filter_method=filter_method,
+      spatial_dims=spatial_dims, spacing=spacing, channel_axis=channel_axis)
   smap = _map(p)
   chex.assert_shape(smap, p.map_shape)
-  return _unbatch(smap, p.batched)
+  # Back to the caller's layout: the channels where its images had them.
+  return jnp.moveaxis(_unbatch(smap, p.batched), -1, p.channel_axis)
 
 
 def ssim_sums(
@@ -221,12 +256,16 @@ def ssim_sums(
     filter_method: str = "auto",
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
 ) -> SSIMSums:
   """Per-image mask-weighted SSIM sum and mask mass (additive partials).
 
   Per-image SSIM is `weighted_sum / mass`; a loss over a batch, several
   chunks or devices is `1 - psum(weighted_sum) / psum(mass)` (see
   `loss_from_sums`), so images count by their mask mass.
+
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -239,7 +278,7 @@ def ssim_sums(
       one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
-    padding: "valid" or "same".
+    padding: "valid" or "same" (either case).
     mask: optional non-negative weights `[B, H, W, 1|C]`
       (`[B, D, H, W, 1|C]`) at full image
       resolution (aligned to the map region by the library).
@@ -250,6 +289,8 @@ def ssim_sums(
     spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
       for volumes, e.g. mm): `sigma` is then physical, and the default
       window per axis the odd size covering +-3.5 sigma / spacing voxels.
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1:
+      channels-last; 1: channels-first `[B, C, H, W]`, PyTorch's layout).
 
   Returns:
     `SSIMSums(weighted_sum, mass)`, each float32 `[B]` (scalars for
@@ -265,14 +306,11 @@ def ssim_sums(
     >>> bool(loss_from_sums(s) == ssim_loss(x, y, mask=m))
     True
   """
-  p = plan_lib.make_plan(
-      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
-      k1=k1, k2=k2, padding=padding, mask=mask, mask_mode=mask_mode,
-      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing)
-  out = _sums(p)
-  chex.assert_shape([out.weighted_sum, out.mass], (p.x.shape[0],))
-  return SSIMSums(_unbatch(out.weighted_sum, p.batched),
-                  _unbatch(out.mass, p.batched))
+  return _planned_sums(
+      x, y, fn="ssim_sums", data_range=data_range, window_size=window_size,
+      sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+      mask_mode=mask_mode, filter_method=filter_method,
+      spatial_dims=spatial_dims, spacing=spacing, channel_axis=channel_axis)
 
 
 def ssim(
@@ -290,12 +328,16 @@ def ssim(
     filter_method: str = "auto",
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
 ) -> jax.Array:
   """Per-image SSIM (Wang et al. 2004), the mask-weighted mean of the map.
 
   `SSIM_b = sum(w * ssim_map) / sum(w)` over the map's positions and channels
   of image b, with `w` the mask aligned to the map (1 without a mask) and the
   map `l * cs` (module docstring).
+
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -308,7 +350,7 @@ def ssim(
       one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
-    padding: "valid" or "same".
+    padding: "valid" or "same" (either case).
     mask: optional non-negative weights `[B, H, W, 1|C]` (`[B, D, H, W, 1|C]`).
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering.
@@ -317,6 +359,8 @@ def ssim(
     spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
       for volumes, e.g. mm): `sigma` is then physical, and the default
       window per axis the odd size covering +-3.5 sigma / spacing voxels.
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1:
+      channels-last; 1: channels-first `[B, C, H, W]`, PyTorch's layout).
 
   Returns:
     float32 `[B]` in [-1, 1] (scalar for `[H, W, C]` inputs). An image whose
@@ -332,10 +376,11 @@ def ssim(
     >>> ssim(255 * x, 255 * y, data_range=255.0).shape    # uint8-range float images
     (2,)
   """
-  sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
-                   sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-                   mask_mode=mask_mode, filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing)
+  sums = _planned_sums(
+      x, y, fn="ssim", data_range=data_range, window_size=window_size,
+      sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+      mask_mode=mask_mode, filter_method=filter_method,
+      spatial_dims=spatial_dims, spacing=spacing, channel_axis=channel_axis)
   return safe_ratio(sums.weighted_sum, sums.mass)
 
 
@@ -378,11 +423,15 @@ def ssim_loss(
     filter_method: str = "auto",
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
 ) -> jax.Array:
   """Scalar `1 - SSIM` over the batch, mask-mass weighted.
 
   Images count by their mask mass (twice the mass, twice the weight); a batch
   with zero mask mass gives 0 with zero gradient, never NaN.
+
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
 
   Args:
     x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
@@ -395,7 +444,7 @@ def ssim_loss(
       one or one per spatial axis.
     k1: luminance constant.
     k2: contrast constant.
-    padding: "valid" or "same".
+    padding: "valid" or "same" (either case).
     mask: optional non-negative weights `[B, H, W, 1|C]` (`[B, D, H, W, 1|C]`).
     mask_mode: "weighted" or "foreground".
     filter_method: blur lowering.
@@ -404,6 +453,8 @@ def ssim_loss(
     spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
       for volumes, e.g. mm): `sigma` is then physical, and the default
       window per axis the odd size covering +-3.5 sigma / spacing voxels.
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1:
+      channels-last; 1: channels-first `[B, C, H, W]`, PyTorch's layout).
 
   Returns:
     float32 scalar in [0, 2].
@@ -416,10 +467,11 @@ def ssim_loss(
     >>> jax.grad(ssim_loss)(x, y).shape           # d loss / d x
     (2, 48, 48, 3)
   """
-  sums = ssim_sums(x, y, data_range=data_range, window_size=window_size,
-                   sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
-                   mask_mode=mask_mode, filter_method=filter_method,
-             spatial_dims=spatial_dims, spacing=spacing)
+  sums = _planned_sums(
+      x, y, fn="ssim_loss", data_range=data_range, window_size=window_size,
+      sigma=sigma, k1=k1, k2=k2, padding=padding, mask=mask,
+      mask_mode=mask_mode, filter_method=filter_method,
+      spatial_dims=spatial_dims, spacing=spacing, channel_axis=channel_axis)
   return loss_from_sums(sums)
 
 
@@ -428,7 +480,7 @@ def l1_ssim_loss(
     y: jax.Array,
     *,
     ssim_weight: float = 0.2,
-    weight_map: jax.Array | None = None,
+    mask: jax.Array | None = None,
     data_range: float | jax.Array = 1.0,
     window_size: int | Sequence[int] | None = None,
     sigma: float | Sequence[float] = 1.5,
@@ -438,21 +490,26 @@ def l1_ssim_loss(
     filter_method: str = "auto",
     spatial_dims: int = 2,
     spacing: Sequence[float] | None = None,
+    channel_axis: int = -1,
+    weight_map: jax.Array | None = None,
 ) -> jax.Array:
   """Gaussian-splatting loss `(1 - lambda) L1 + lambda (1 - SSIM)`.
 
-  With `weight_map` (a per-pixel region-of-interest weight) both terms are
+  With `mask` (per-pixel weights, e.g. a region of interest) both terms are
   weighted means: `L1 = sum(w |x - y|) / sum(w)` over pixels and channels, and
   SSIM the w-weighted mean of the map (mask_mode "weighted"). Zero total
   weight gives 0 with zero gradient.
 
+  Under `jax.jit` every option except `data_range` and `mask` is static:
+  pass them in `static_argnames` or close over them.
+
   Args:
-    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`),
-      floating (e.g. the rendering).
+    x: `[B, H, W, C]` or `[H, W, C]` (volumes: see `spatial_dims`; the
+      channels where `channel_axis` says), floating (e.g. the rendering).
     y: same shape as `x` (e.g. the ground truth).
     ssim_weight: lambda in [0, 1].
-    weight_map: optional non-negative weights `[B, H, W, 1|C]`
-      (`[B, D, H, W, 1|C]`).
+    mask: optional non-negative weights `[B, H, W, 1|C]`
+      (`[B, D, H, W, 1|C]`; laid out like the images).
     data_range: float or float array `[B]` (SSIM constants only).
     window_size: odd window >= 3, or one per spatial axis; None: 11 (with
       `spacing`: +-3.5 sigma per axis). Shrinks for small images.
@@ -461,13 +518,17 @@ def l1_ssim_loss(
     k1: luminance constant.
     k2: contrast constant.
     padding: "same" (zero padding, the Gaussian-splatting convention) or
-      "valid".
+      "valid", either case.
     filter_method: blur lowering.
     spatial_dims: 2 (images `[B, H, W, C]`) or 3 (volumes `[B, D, H, W,
       C]`, or `[D, H, W, C]`); never guessed from the rank.
     spacing: optional physical voxel size per spatial axis ((sz, sy, sx)
       for volumes, e.g. mm): `sigma` is then physical, and the default
       window per axis the odd size covering +-3.5 sigma / spacing voxels.
+    channel_axis: the channel axis of `x`, `y` and `mask` (-1: channels-last;
+      1: `[B, C, H, W]`).
+    weight_map: deprecated alias of `mask` (warns once; passing both is an
+      error).
 
   Returns:
     float32 scalar >= 0 (<= 2 * data_range-scaled L1 bound + 2 lambda).
@@ -478,15 +539,25 @@ def l1_ssim_loss(
     >>> l1 = jnp.mean(jnp.abs(x - y))
     >>> bool(jnp.isclose(l1_ssim_loss(x, y, ssim_weight=0.0), l1))
     True
-    >>> jax.grad(l1_ssim_loss)(x, y, ssim_weight=0.2).shape
+    >>> roi = jnp.full((2, 48, 48, 1), 0.3).at[:, 12:36, 12:36].set(1.0)
+    >>> jax.grad(l1_ssim_loss)(x, y, ssim_weight=0.2, mask=roi).shape
     (2, 48, 48, 3)
   """
-  lam = checks.check_unit_interval(ssim_weight, "ssim_weight")
+  mask_name = "mask"
+  if weight_map is not None:
+    if mask is not None:
+      raise TypeError(
+          "l1_ssim_loss got both mask and weight_map; pass mask only "
+          "(weight_map is its deprecated alias)")
+    _warn_weight_map()
+    mask, mask_name = weight_map, "weight_map"
   p = plan_lib.make_plan(
-      x, y, data_range=data_range, window_size=window_size, sigma=sigma,
-      k1=k1, k2=k2, padding=padding, mask=weight_map, mask_mode="weighted",
-      filter_method=filter_method, spatial_dims=spatial_dims, spacing=spacing,
-      mask_name="weight_map")
+      x, y, fn="l1_ssim_loss", data_range=data_range,
+      window_size=window_size, sigma=sigma, k1=k1, k2=k2, padding=padding,
+      mask=mask, mask_mode="weighted", filter_method=filter_method,
+      spatial_dims=spatial_dims, spacing=spacing, channel_axis=channel_axis,
+      mask_name=mask_name, ssim_weight=ssim_weight)
+  lam = checks.check_unit_interval(ssim_weight, "ssim_weight")
   absdiff = jnp.abs(p.x - p.y)  # L1 over every pixel (or voxel) and channel
   if p.mask is None:
     l1 = jnp.mean(absdiff)
@@ -495,3 +566,18 @@ def l1_ssim_loss(
     l1 = safe_ratio(jnp.sum(w * absdiff), jnp.sum(w))
   ssim_term = loss_from_sums(_sums(p))
   return (1.0 - lam) * l1 + lam * ssim_term
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_weight_map() -> None:
+  """`weight_map` is deprecated: one DeprecationWarning per process (as
+  optax warns, `stacklevel` at the caller)."""
+  if "weight_map" in _WARNED:
+    return
+  _WARNED.add("weight_map")
+  warnings.warn(
+      "l1_ssim_loss(weight_map=...) is deprecated: pass mask=... (the name "
+      "every other ssim_jax function uses); weight_map will be removed in a "
+      "future release", DeprecationWarning, stacklevel=3)

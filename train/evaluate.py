@@ -141,13 +141,6 @@ def ms_ssim_weights(levels: int) -> tuple[float, ...]:
   return tuple(float(v) for v in w / w.sum())
 
 
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Per-image PSNR in dB of images in [0, 1]: float32 `[B]`."""
-  mse = jnp.mean(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32)),
-                 axis=tuple(range(1, x.ndim)))
-  return 10.0 * jnp.log10(1.0 / mse)
-
-
 def _metrics(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
   """Per-image PSNR / SSIM / MS-SSIM of images in [0, 1]: float32 `[B]` each (traced)."""
   import ssim_jax  # pylint: disable=g-import-not-at-top
@@ -157,7 +150,7 @@ def _metrics(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
   win = ssim_window(size)
   levels = ms_ssim_levels(size, window_size=win)
   return {
-      "psnr": psnr(x, y),
+      "psnr": ssim_jax.psnr(x, y, data_range=1.0),
       "ssim": ssim_jax.ssim(x, y, data_range=1.0, window_size=win, sigma=SSIM_SIGMA),
       "ms_ssim": ms_ssim(x, y, data_range=1.0, window_size=win, sigma=SSIM_SIGMA,
                          levels=levels, weights=ms_ssim_weights(levels)),

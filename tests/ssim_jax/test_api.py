@@ -1,5 +1,6 @@
 """API conventions, checked by reflection over ssim_jax.__all__."""
 
+import functools
 import inspect
 
 import chex
@@ -14,7 +15,18 @@ FUNCTIONS = [name for name in ssim_jax.__all__
              if inspect.isfunction(getattr(ssim_jax, name))]
 # Small pyramids so the 12x12 test images fit.
 EXTRA = {"ms_ssim": dict(levels=2, window_size=3),
-         "ms_ssim_loss": dict(levels=2, window_size=3)}
+         "ms_ssim_loss": dict(levels=2, window_size=3),
+         "ms_ssim_sums": dict(levels=2, window_size=3)}
+# Options that are arrays, traceable under jit; every other option is static.
+TRACEABLE = {"data_range", "mask"}
+# A valid value of every static option that a jit can trace (a number or
+# numbers; strings cannot be traced), for the 12x12x3 images below.
+STATIC_SAMPLES = {"window_size": 3, "sigma": 1.0, "k1": 0.01, "k2": 0.03,
+                  "spatial_dims": 2, "spacing": (1.0, 1.0),
+                  "channel_axis": -1, "levels": 2, "weights": (0.5, 0.5),
+                  "ssim_weight": 0.2}
+STRING_OPTIONS = {"padding", "mask_mode", "filter_method"}
+DEPRECATED = {"weight_map"}
 X = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 12, 12, 3)),
                 jnp.float32)
 Y = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (2, 12, 12, 3)),
@@ -31,10 +43,11 @@ def _call(name, x, y):
 def test_all_is_complete_and_sorted():
   assert list(ssim_jax.__all__) == sorted(ssim_jax.__all__)
   for name in ("ssim", "ssim_map", "ssim_sums", "ssim_loss", "ms_ssim",
-               "ms_ssim_loss", "l1_ssim_loss", "SSIMSums"):
+               "ms_ssim_loss", "ms_ssim_sums", "l1_ssim_loss", "psnr",
+               "SSIMSums"):
     assert name in ssim_jax.__all__
   assert isinstance(ssim_jax.__version__, str)
-  assert len(FUNCTIONS) >= 8
+  assert len(FUNCTIONS) >= 10
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
@@ -70,7 +83,7 @@ def test_results_are_float32_arrays_under_jit(name):
     chex.assert_shape(out, ())
   elif name == "ssim_map":
     chex.assert_shape(out, (2, 2, 2, 3))
-  elif name == "ssim_sums":
+  elif name in ("ssim_sums", "ms_ssim_sums"):
     chex.assert_shape([out.weighted_sum, out.mass], (2,))
   else:
     chex.assert_shape(out, (2,))
@@ -85,6 +98,100 @@ def test_losses_are_differentiable_scalars(name):
   chex.assert_shape(g, X.shape)
   chex.assert_tree_all_finite(g)
   assert float(jnp.abs(g).sum()) > 0
+
+
+IMAGE_FUNCTIONS = [n for n in FUNCTIONS if n != "loss_from_sums"]
+
+
+def _options(name):
+  return list(inspect.signature(getattr(ssim_jax, name)).parameters)[2:]
+
+
+@pytest.mark.parametrize("name", IMAGE_FUNCTIONS)
+def test_every_image_function_takes_channel_axis_and_mask(name):
+  options = _options(name)
+  assert "channel_axis" in options and "mask" in options, name
+  # Every option is classified: traceable, static (with a sample), a string.
+  unknown = set(options) - TRACEABLE - set(STATIC_SAMPLES) - STRING_OPTIONS
+  assert not unknown - DEPRECATED, (name, unknown)
+
+
+@pytest.mark.parametrize("name", IMAGE_FUNCTIONS)
+def test_channel_axis_reads_channels_first_like_channels_last(name):
+  # [B, C, H, W] with channel_axis=1 (and the mask laid out like it) gives
+  # the channels-last result; ssim_map comes back in the caller's layout.
+  rng = np.random.default_rng(2)
+  mask = jnp.asarray(rng.uniform(0, 1, (2, 12, 12, 1)), jnp.float32)
+  y = jnp.clip(X + 0.1 * (Y - 0.5), 0.0, 1.0)
+  fn = getattr(ssim_jax, name)
+  last = fn(X, y, mask=mask, **EXTRA.get(name, {}))
+  first = fn(jnp.moveaxis(X, -1, 1), jnp.moveaxis(y, -1, 1),
+             mask=jnp.moveaxis(mask, -1, 1), channel_axis=1,
+             **EXTRA.get(name, {}))
+  if name == "ssim_map":
+    first = jnp.moveaxis(first, 1, -1)
+  chex.assert_trees_all_close(first, last, rtol=1e-6, atol=1e-6)
+  # Unbatched [C, H, W] with channel_axis=0 (and its negative spelling).
+  one = fn(jnp.moveaxis(X[0], -1, 0), jnp.moveaxis(y[0], -1, 0),
+           mask=jnp.moveaxis(mask[0], -1, 0), channel_axis=-3,
+           **EXTRA.get(name, {}))
+  if name == "ssim_map":
+    one = jnp.moveaxis(one, 0, -1)
+  chex.assert_trees_all_close(
+      one, fn(X[0], y[0], mask=mask[0], **EXTRA.get(name, {})), rtol=1e-6,
+      atol=1e-6)
+
+
+@pytest.mark.parametrize("name", IMAGE_FUNCTIONS)
+def test_traced_static_options_name_static_argnames(name):
+  fn = getattr(ssim_jax, name)
+  for option in _options(name):
+    if option not in STATIC_SAMPLES:
+      continue
+    value = STATIC_SAMPLES[option]
+    kwargs = {k: v for k, v in EXTRA.get(name, {}).items() if k != option}
+    traced = jax.jit(lambda a, b, v, option=option, kwargs=kwargs: fn(
+        a, b, **{option: v}, **kwargs))
+    with pytest.raises(TypeError, match=(
+        rf"{option} is a static option.*static_argnames=\('{option}',\)")):
+      traced(X, Y, value)
+    # The fix the message shows works, and gives the eager result.
+    fixed = jax.jit(functools.partial(fn, **kwargs),
+                    static_argnames=(option,))
+    chex.assert_trees_all_close(fixed(X, Y, **{option: value}),
+                                fn(X, Y, **{option: value}, **kwargs),
+                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", IMAGE_FUNCTIONS)
+def test_data_range_and_mask_are_traceable(name):
+  fn = functools.partial(getattr(ssim_jax, name), **EXTRA.get(name, {}))
+  mask = jnp.ones((2, 12, 12, 1))
+  dr = jnp.asarray([1.0, 2.0])
+  out = jax.jit(lambda a, b, d, m: fn(a, b, data_range=d, mask=m))(X, Y, dr,
+                                                                  mask)
+  chex.assert_trees_all_close(out, fn(X, Y, data_range=dr, mask=mask),
+                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_docstrings_say_which_options_are_static(name):
+  doc = inspect.getdoc(getattr(ssim_jax, name))
+  if name == "loss_from_sums":
+    return  # no options but axis_name, which names a mapped axis
+  assert "static" in doc and "static_argnames" in doc, name
+
+
+@pytest.mark.parametrize("name", IMAGE_FUNCTIONS)
+def test_no_device_to_host_copy_outside_jit(name):
+  # Eager calls with device arrays (images, mask, per-image data_range)
+  # never copy device data to the host.
+  fn = functools.partial(getattr(ssim_jax, name), **EXTRA.get(name, {}))
+  mask = jnp.ones((2, 12, 12, 1))
+  dr = jnp.asarray([1.0, 2.0])
+  with jax.transfer_guard_device_to_host("disallow"):
+    out = fn(X, Y, data_range=dr, mask=mask)
+    jax.block_until_ready(out)
 
 
 def test_flow_submodule_importable():

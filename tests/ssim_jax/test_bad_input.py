@@ -2,10 +2,12 @@
 
 Each case either raises a clear error naming the argument (at trace time,
 without compiling anything) or returns the documented finite result. The
-counts are asserted at the bottom so the README can quote them.
+counts are asserted at the bottom so the docs can quote them.
 """
 
 import functools
+import inspect
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +26,9 @@ FUNCTIONS = {
     "ms_ssim_loss": functools.partial(ssim_jax.ms_ssim_loss, levels=2,
                                       window_size=3),
     "l1_ssim_loss": ssim_jax.l1_ssim_loss,
+    "ms_ssim_sums": functools.partial(ssim_jax.ms_ssim_sums, levels=2,
+                                      window_size=3),
 }
-MASK_ARG = {name: ("weight_map" if name == "l1_ssim_loss" else "mask")
-            for name in FUNCTIONS}
 
 X = np.full((2, 12, 12, 3), 0.5, np.float32)
 # A volume batch [B, D, H, W, C] (big enough for the MS-SSIM partials) and
@@ -39,8 +41,12 @@ def _x(shape=(2, 12, 12, 3), dtype=np.float32):
   return np.full(shape, 1, dtype)
 
 
+# Channels-first images and the option that reads them right.
+NCHW = _x((2, 3, 12, 12))
+CF = {"channel_axis": 1}
+
+
 # (case id, x, y, extra kwargs, expected exception, argument named in message)
-# "{mask}" in kwargs is replaced by the function's mask argument name.
 ERROR_CASES = [
     ("x_rank2", _x((12, 12)), _x((12, 12)), {}, ValueError, "x"),
     ("x_rank5", _x((1, 2, 12, 12, 3)), _x((1, 2, 12, 12, 3)), {}, ValueError,
@@ -89,25 +95,26 @@ ERROR_CASES = [
     ("data_range_complex", X, X,
      {"data_range": np.ones((2,), np.complex64)}, TypeError, "data_range"),
     ("padding_unknown", X, X, {"padding": "full"}, ValueError, "padding"),
-    ("padding_upper", X, X, {"padding": "VALID"}, ValueError, "padding"),
+    ("padding_unknown_upper", X, X, {"padding": "FULL"}, ValueError,
+     "padding"),
     ("filter_method_unknown", X, X, {"filter_method": "fft?"}, ValueError,
      "filter_method"),
-    ("mask_negative", X, X, {"{mask}": -np.ones((2, 12, 12, 1), np.float32)},
-     ValueError, "{mask}"),
+    ("mask_negative", X, X, {"mask": -np.ones((2, 12, 12, 1), np.float32)},
+     ValueError, "mask"),
     ("mask_nan", X, X,
-     {"{mask}": np.full((2, 12, 12, 1), np.nan, np.float32)}, ValueError,
-     "{mask}"),
-    ("mask_rank3", X, X, {"{mask}": np.ones((12, 12, 1), np.float32)},
-     ValueError, "{mask}"),
-    ("mask_wrong_hw", X, X, {"{mask}": np.ones((2, 11, 12, 1), np.float32)},
-     ValueError, "{mask}"),
+     {"mask": np.full((2, 12, 12, 1), np.nan, np.float32)}, ValueError,
+     "mask"),
+    ("mask_rank3", X, X, {"mask": np.ones((12, 12, 1), np.float32)},
+     ValueError, "mask"),
+    ("mask_wrong_hw", X, X, {"mask": np.ones((2, 11, 12, 1), np.float32)},
+     ValueError, "mask"),
     ("mask_wrong_channels", X, X,
-     {"{mask}": np.ones((2, 12, 12, 2), np.float32)}, ValueError, "{mask}"),
-    ("mask_wrong_batch", X, X, {"{mask}": np.ones((3, 12, 12, 1), np.float32)},
-     ValueError, "{mask}"),
-    ("mask_complex", X, X, {"{mask}": np.ones((2, 12, 12, 1), np.complex64)},
-     TypeError, "{mask}"),
-    ("mask_string", X, X, {"{mask}": "foreground"}, TypeError, "{mask}"),
+     {"mask": np.ones((2, 12, 12, 2), np.float32)}, ValueError, "mask"),
+    ("mask_wrong_batch", X, X, {"mask": np.ones((3, 12, 12, 1), np.float32)},
+     ValueError, "mask"),
+    ("mask_complex", X, X, {"mask": np.ones((2, 12, 12, 1), np.complex64)},
+     TypeError, "mask"),
+    ("mask_string", X, X, {"mask": "foreground"}, TypeError, "mask"),
     # Volumes (spatial_dims=3) and the per-axis window options.
     ("volume_without_spatial_dims", X3, X3, {}, ValueError,
      "spatial_dims=3"),
@@ -144,13 +151,44 @@ ERROR_CASES = [
     ("spacing_nan", X3, X3, {**V, "spacing": (float("nan"), 1.0, 1.0)},
      ValueError, "spacing"),
     ("spacing_string", X3, X3, {**V, "spacing": "3mm"}, TypeError, "spacing"),
-    ("volume_mask_rank4", X3, X3, {**V, "{mask}": np.ones((2, 6, 8, 8))},
-     ValueError, "{mask}"),
-    ("volume_mask_depth", X3, X3, {**V, "{mask}": np.ones((2, 5, 8, 8, 1))},
-     ValueError, "{mask}"),
+    ("volume_mask_rank4", X3, X3, {**V, "mask": np.ones((2, 6, 8, 8))},
+     ValueError, "mask"),
+    ("volume_mask_depth", X3, X3, {**V, "mask": np.ones((2, 5, 8, 8, 1))},
+     ValueError, "mask"),
     ("volume_data_range_shape", X3, X3,
      {**V, "data_range": np.ones((3,), np.float32)}, ValueError,
      "data_range"),
+    # Layout: channel_axis, masks laid out like the images, and input that
+    # is probably channels-first read as channels-last.
+    ("channel_axis_float", X, X, {"channel_axis": 1.0}, TypeError,
+     "channel_axis"),
+    ("channel_axis_bool", X, X, {"channel_axis": True}, TypeError,
+     "channel_axis"),
+    ("channel_axis_none", X, X, {"channel_axis": None}, TypeError,
+     "channel_axis"),
+    ("channel_axis_too_large", X, X, {"channel_axis": 4}, ValueError,
+     "channel_axis"),
+    ("channel_axis_too_negative", X, X, {"channel_axis": -5}, ValueError,
+     "channel_axis"),
+    ("channel_axis_batch", X, X, {"channel_axis": 0}, ValueError,
+     "channel_axis"),
+    ("channel_axis_batch_negative", X, X, {"channel_axis": -4}, ValueError,
+     "channel_axis"),
+    ("volume_channel_axis_too_large", X3, X3, {**V, "channel_axis": 5},
+     ValueError, "channel_axis"),
+    ("mask_channels_last_for_nchw", NCHW, NCHW,
+     {**CF, "mask": np.ones((2, 12, 12, 1), np.float32)}, ValueError,
+     "mask"),
+    ("mask_wrong_channels_nchw", NCHW, NCHW,
+     {**CF, "mask": np.ones((2, 2, 12, 12), np.float32)}, ValueError,
+     r"mask.*\[B, 1\|C, H, W\]"),
+    ("nchw_shape_mismatch", NCHW, _x((2, 3, 12, 13)), CF, ValueError, "y"),
+    ("nchw_read_as_nhwc", _x((2, 3, 32, 32)), _x((2, 3, 32, 32)), {},
+     ValueError, "channel_axis=1"),
+    ("chw_read_as_hwc", _x((3, 32, 32)), _x((3, 32, 32)), {}, ValueError,
+     "channel_axis=0"),
+    ("nhwc_read_as_nchw", _x((2, 32, 32, 3)), _x((2, 32, 32, 3)), CF,
+     ValueError, "channel_axis=3"),
 ]
 
 # Options that only some functions take.
@@ -171,25 +209,44 @@ SPECIFIC_ERROR_CASES = [
     ("l1_ssim_loss", {"ssim_weight": 1.5}, ValueError, "ssim_weight"),
     ("l1_ssim_loss", {"ssim_weight": -0.1}, ValueError, "ssim_weight"),
     ("l1_ssim_loss", {"ssim_weight": "0.2"}, TypeError, "ssim_weight"),
+    ("l1_ssim_loss", {"mask": np.ones((2, 12, 12, 1), np.float32),
+                      "weight_map": np.ones((2, 12, 12, 1), np.float32)},
+     TypeError, "weight_map"),
+    ("l1_ssim_loss", {"weight_map": -np.ones((2, 12, 12, 1), np.float32)},
+     ValueError, "weight_map"),
+    ("ms_ssim_sums", {"levels": 0}, ValueError, "levels"),
+    ("ms_ssim_sums", {"weights": [0.5, 0.3, 0.2]}, ValueError, "weights"),
+    ("ms_ssim_sums", {"levels": 4}, ValueError, "too small"),
 ]
 
-
-def _materialise(name, kwargs, arg):
-  mask_name = MASK_ARG[name]
-  kwargs = {k.replace("{mask}", mask_name): v for k, v in kwargs.items()}
-  return kwargs, arg.replace("{mask}", mask_name)
+# PSNR has no window and no SSIM constants: the matrix's cases about those
+# do not apply (its options are a subset), and these inputs, errors for SSIM,
+# are valid for PSNR (checked in test_documented_results_psnr).
+PSNR_VALID = ("image_1px", "image_2px", "image_2px_wide", "volume_depth_2px",
+              "nchw_read_as_nhwc",
+              "chw_read_as_hwc", "nhwc_read_as_nchw")
+PSNR_OPTIONS = set(inspect.signature(ssim_jax.psnr).parameters)
+PSNR_CASES = [c for c in ERROR_CASES
+              if set(c[3]) <= PSNR_OPTIONS and c[0] not in PSNR_VALID]
 
 
 @pytest.mark.parametrize("fn_name", list(FUNCTIONS))
 @pytest.mark.parametrize("case", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
 def test_error_names_argument(fn_name, case):
   _, x, y, kwargs, exc, arg = case
-  kwargs, arg = _materialise(fn_name, kwargs, arg)
   with pytest.raises(exc, match=arg):
     # eval_shape: the error must come at trace time, before any compile.
     jax.eval_shape(lambda: FUNCTIONS[fn_name](x, y, **kwargs))
 
 
+@pytest.mark.parametrize("case", PSNR_CASES, ids=[c[0] for c in PSNR_CASES])
+def test_psnr_error_names_argument(case):
+  _, x, y, kwargs, exc, arg = case
+  with pytest.raises(exc, match=arg):
+    jax.eval_shape(lambda: ssim_jax.psnr(x, y, **kwargs))
+
+
+@pytest.mark.filterwarnings("ignore:l1_ssim_loss.weight_map")  # tested in test_ssim
 @pytest.mark.parametrize("case", SPECIFIC_ERROR_CASES,
                          ids=[f"{c[0]}-{c[3]}" for c in SPECIFIC_ERROR_CASES])
 def test_specific_error_names_argument(case):
@@ -202,17 +259,18 @@ def test_errors_raised_under_jit_too():
   for fn in FUNCTIONS.values():
     with pytest.raises(ValueError, match="window_size"):
       jax.jit(lambda a, b, fn=fn: fn(a, b, window_size=4))(X, X)
-    with pytest.raises(ValueError, match="mask|weight_map"):
-      jax.jit(lambda a, b, fn=fn: fn(a, b, **{
-          "weight_map" if fn is ssim_jax.l1_ssim_loss else "mask":
-              jnp.ones((2, 5, 12, 1))}))(X, X)
+    with pytest.raises(ValueError, match="mask"):
+      jax.jit(lambda a, b, fn=fn: fn(a, b, mask=jnp.ones((2, 5, 12, 1))))(
+          X, X)
 
 
-def test_traced_negative_mask_is_not_checked_under_jit():
-  # Documented: values of a traced mask cannot be inspected without a host
-  # sync; the check only runs when the mask is concrete.
+def test_device_mask_values_are_not_read():
+  # Documented: a jax.Array's values are never read (that would copy them to
+  # the host), traced or not; a numpy mask's are (test_error_names_argument).
   f = jax.jit(lambda m: ssim_jax.ssim(X, X, mask=m))
-  out = f(-jnp.ones((2, 12, 12, 1)))
+  assert f(-jnp.ones((2, 12, 12, 1))).shape == (2,)
+  out = ssim_jax.ssim(X, X, mask=-jnp.ones((2, 12, 12, 1)),
+                      data_range=-jnp.ones((2,)))
   assert out.shape == (2,)
 
 
@@ -241,7 +299,7 @@ def test_documented_results():
   np.testing.assert_array_equal(
       jit(lambda a, b: ssim_jax.ssim(a, b, mask=zero))(x, y), 0.0)
   assert float(jit(lambda a, b: ssim_jax.l1_ssim_loss(
-      a, b, weight_map=zero))(x, y)) == 0.0
+      a, b, mask=zero))(x, y)) == 0.0
   # Window larger than the image: shrinks (12 px -> 11 stays; 6 px -> 5).
   small = x[:, :6]
   assert jit(ssim_jax.ssim_map)(small, small).shape == (2, 2, 8, 3)
@@ -266,9 +324,34 @@ def test_documented_results_volumes():
   assert float(loss) == 0.0 and not np.any(np.asarray(g))
 
 
+def test_documented_results_layout():
+  x = np.random.default_rng(3).uniform(0, 1, (2, 12, 12, 3)).astype(
+      np.float32)
+  # padding in either case (lax's and Flax's spelling).
+  np.testing.assert_array_equal(ssim_jax.ssim(x, x[::-1], padding="SAME"),
+                                ssim_jax.ssim(x, x[::-1], padding="same"))
+  # Genuinely small images with many channels: a window that fits passes
+  # the channels-first check (nothing shrinks), and gives a number.
+  small = np.random.default_rng(4).uniform(0, 1, (2, 3, 32, 32)).astype(
+      np.float32)
+  assert ssim_jax.ssim(small, small[::-1], window_size=3).shape == (2,)
+  # Small images with few channels still shrink the window, as documented.
+  assert ssim_jax.ssim_map(x[:, :6], x[:, :6]).shape == (2, 2, 8, 3)
+
+
+def test_documented_results_psnr():
+  rng = np.random.default_rng(5)
+  for case_id in PSNR_VALID:
+    _, x, y, kwargs, _, _ = next(c for c in ERROR_CASES if c[0] == case_id)
+    x = rng.uniform(0, 1, np.shape(x)).astype(np.float32)
+    out = ssim_jax.psnr(x, x * 0.5, **kwargs)
+    assert np.all(np.isfinite(np.asarray(out))), case_id
+
+
 def test_case_counts():
-  # Quoted in the README's reliability section.
+  # Quoted in the docs (reliability).
   n_matrix = len(ERROR_CASES) * len(FUNCTIONS)
-  assert (len(ERROR_CASES), len(FUNCTIONS)) == (69, 7)
-  assert n_matrix == 483
-  assert len(SPECIFIC_ERROR_CASES) == 16
+  assert (len(ERROR_CASES), len(FUNCTIONS)) == (83, 8)
+  assert n_matrix == 664
+  assert len(PSNR_CASES) == 52
+  assert len(SPECIFIC_ERROR_CASES) == 21

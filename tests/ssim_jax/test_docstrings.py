@@ -16,7 +16,7 @@ import pytest
 import ssim_jax
 from ssim_jax import flow
 
-MODULES = ("ssim_jax.ssim", "ssim_jax.ms_ssim", "ssim_jax.flow.conventions",
+MODULES = ("ssim_jax.ssim", "ssim_jax.ms_ssim", "ssim_jax.psnr", "ssim_jax.flow.conventions",
            "ssim_jax.flow.packing", "ssim_jax.flow.decoded")
 # Result types and constants: documented by their fields, no call to show.
 NO_EXAMPLE = {"SSIMSums", "DecodedLosses", "DecodedMasses", "DEBUG_ENV", "PIXEL_LOSSES"}

@@ -166,5 +166,58 @@ class MSSSIMTest(parameterized.TestCase):
     np.testing.assert_allclose(p[0, 1, 1, 0], (6 + 7 + 11 + 12) / 4)
 
 
+class MSSSIMSumsTest(parameterized.TestCase):
+
+  @parameterized.parameters(None, "weighted", "foreground")
+  def test_sums_give_ms_ssim_and_its_loss(self, mode):
+    x, y = _rand((3, 20, 20, 2), 1), _rand((3, 20, 20, 2), 2)
+    y = 0.7 * x + 0.3 * y
+    kwargs = dict(SMALL)
+    if mode is not None:
+      # Unequal mask masses: the images must count by their mass.
+      mask = (_rand((3, 20, 20, 1), 3) > jnp.asarray([0.2, 0.5, 0.8])[
+          :, None, None, None]).astype(jnp.float32)
+      kwargs.update(mask=mask, mask_mode=mode)
+    sums = call(ssim_jax.ms_ssim_sums, x, y, **kwargs)
+    chex.assert_shape([sums.weighted_sum, sums.mass], (3,))
+    np.testing.assert_allclose(sums.weighted_sum / sums.mass,
+                               call(ssim_jax.ms_ssim, x, y, **kwargs),
+                               rtol=1e-6)
+    np.testing.assert_allclose(
+        ssim_jax.loss_from_sums(sums), call(ssim_jax.ms_ssim_loss, x, y,
+                                            **kwargs), rtol=1e-6)
+    if mode is None:  # level-0 map positions x channels, as ssim_sums counts
+      np.testing.assert_array_equal(sums.mass, 18 * 18 * 2)
+
+  def test_unbatched_sums_are_scalars(self):
+    x, y = _rand((20, 20, 2), 1), _rand((20, 20, 2), 2)
+    sums = call(ssim_jax.ms_ssim_sums, x, y, **SMALL)
+    chex.assert_shape([sums.weighted_sum, sums.mass], ())
+
+  def test_shard_map_loss_equals_whole_batch_loss(self):
+    # The batch split over 8 devices: each device's per-image sums, reduced
+    # with loss_from_sums(axis_name=...), give the whole batch's loss and
+    # gradient.
+    devices = np.array(jax.devices()[:8])
+    self.assertLen(devices, 8)
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    spec = jax.sharding.PartitionSpec("data")
+    x, y = _rand((16, 20, 20, 1), 1), _rand((16, 20, 20, 1), 2)
+    y = 0.6 * x + 0.4 * y
+    mask = (_rand((16, 20, 20, 1), 3) > 0.3).astype(jnp.float32)
+
+    def local(a, b, m):
+      return ssim_jax.loss_from_sums(
+          ssim_jax.ms_ssim_sums(a, b, mask=m, **SMALL), axis_name="data")
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3,
+                              out_specs=jax.sharding.PartitionSpec()))
+    whole, g_ref = value_and_grad(ssim_jax.ms_ssim_loss, x, y, mask=mask,
+                                  **SMALL)
+    np.testing.assert_allclose(f(x, y, mask), whole, rtol=1e-6)
+    g = jax.jit(jax.grad(lambda a: f(a, y, mask)))(x)
+    np.testing.assert_allclose(g, g_ref, atol=1e-7, rtol=1e-4)
+
+
 if __name__ == "__main__":
   pytest.main([__file__])

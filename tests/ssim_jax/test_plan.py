@@ -13,7 +13,7 @@ ms_lib = importlib.import_module("ssim_jax.ms_ssim")
 
 OPTIONS = dict(data_range=1.0, window_size=None, sigma=1.5, k1=0.01, k2=0.03,
                padding="valid", mask=None, mask_mode="weighted", filter_method="auto",
-               spatial_dims=2, spacing=None)
+               spatial_dims=2, spacing=None, channel_axis=-1, fn="ssim")
 
 
 def _plan(shape, **kw):
@@ -61,6 +61,21 @@ def test_mask_mode_lowering_and_route():
 def test_every_check_is_in_the_plan(bad, match):
   with pytest.raises((ValueError, TypeError), match=match):
     _plan((2, 32, 32, 3), **bad)
+
+
+def test_layout_is_decided_once_at_the_boundary():
+  # channels-first in, channels-last plan; the caller's axis kept for ssim_map.
+  x = jnp.zeros((2, 3, 32, 40), jnp.float32)
+  p = plan_lib.make_plan(x, x, **{**OPTIONS, "channel_axis": 1})
+  assert p.x.shape == (2, 32, 40, 3) and p.channel_axis == 1
+  assert p.map_shape == (2, 22, 30, 3)
+  # Probably channels-first, read as channels-last: refused by the plan.
+  with pytest.raises(ValueError, match="channel_axis=1"):
+    plan_lib.make_plan(x, x, **OPTIONS)
+  # A traced static option: refused by the plan, naming static_argnames.
+  with pytest.raises(TypeError, match="static_argnames"):
+    jax.jit(lambda k: plan_lib.make_plan(
+        x, x, **{**OPTIONS, "channel_axis": 1, "k1": k}))(0.01)
 
 
 @pytest.mark.parametrize("shape", [(1, 517, 300, 1), (2, 200, 161, 3)])

@@ -1,5 +1,7 @@
 """Tests of ssim_jax.ssim: values, references, masks, transforms."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -344,6 +346,79 @@ class TransformTest(parameterized.TestCase):
     g = jax.jit(jax.grad(lambda a: f(a, y, mask)))(x)
     _, g_ref = value_and_grad(ssim_jax.ssim_loss, x, y, mask=mask)
     np.testing.assert_allclose(g, g_ref, atol=1e-7, rtol=1e-4)
+
+
+class L1SSIMMaskTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    ssim_lib = __import__("ssim_jax.ssim", fromlist=["_WARNED"])
+    ssim_lib._WARNED.clear()  # each test sees the first use
+
+  def test_mask_weights_both_terms(self):
+    x, y = _rand((2, 16, 16, 3), 1), _rand((2, 16, 16, 3), 2)
+    roi = np.full((2, 16, 16, 1), 0.3, np.float32)
+    roi[:, 4:12, 4:12] = 1.0
+    got = call(ssim_jax.l1_ssim_loss, x, y, mask=roi, ssim_weight=0.4)
+    w = np.broadcast_to(roi, x.shape)
+    l1 = np.sum(w * np.abs(np.asarray(x) - np.asarray(y))) / np.sum(w)
+    ssim_term = call(ssim_jax.ssim_loss, x, y, mask=roi, padding="same")
+    np.testing.assert_allclose(got, 0.6 * l1 + 0.4 * ssim_term, rtol=1e-5)
+
+  def test_weight_map_is_a_deprecated_alias_that_warns_once(self):
+    x, y = _rand((2, 16, 16, 3), 1), _rand((2, 16, 16, 3), 2)
+    roi = np.full((2, 16, 16, 1), 0.3, np.float32)
+    with pytest.warns(DeprecationWarning, match="weight_map.*mask"):
+      old = ssim_jax.l1_ssim_loss(x, y, weight_map=roi)
+    np.testing.assert_array_equal(old, ssim_jax.l1_ssim_loss(x, y, mask=roi))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # a second warning would raise
+      ssim_jax.l1_ssim_loss(x, y, weight_map=roi)
+    with self.assertRaisesRegex(TypeError, "both mask and weight_map"):
+      ssim_jax.l1_ssim_loss(x, y, mask=roi, weight_map=roi)
+
+
+class LayoutTest(parameterized.TestCase):
+
+  def test_volumes_channels_first(self):
+    x, y = _rand((2, 7, 12, 12, 2), 1), _rand((2, 7, 12, 12, 2), 2)
+    mask = (_rand((2, 7, 12, 12, 1), 3) > 0.3).astype(jnp.float32)
+    first = lambda a: jnp.moveaxis(a, -1, 1)  # [B, C, D, H, W]
+    for fn in (ssim_jax.ssim, ssim_jax.ssim_loss, ssim_jax.psnr):
+      kw = dict(spatial_dims=3, mask=mask)
+      np.testing.assert_allclose(
+          call(fn, first(x), first(y), channel_axis=1,
+               **dict(kw, mask=first(mask))),
+          call(fn, x, y, **kw), rtol=1e-6)
+    smap = call(ssim_jax.ssim_map, first(x), first(y), channel_axis=1,
+                spatial_dims=3, window_size=5)
+    chex.assert_shape(smap, (2, 2, 3, 8, 8))
+    np.testing.assert_allclose(
+        jnp.moveaxis(smap, 1, -1),
+        call(ssim_jax.ssim_map, x, y, spatial_dims=3, window_size=5),
+        rtol=1e-6, atol=1e-6)
+
+  def test_channels_first_batch_is_refused_not_misread(self):
+    # The field's case: a PyTorch [2, 3, 32, 32] batch read as channels-last
+    # would shrink the window to 3 and read the 32 columns as channels.
+    x, y = _rand((2, 32, 32, 3), 1), _rand((2, 32, 32, 3), 2)
+    nchw = lambda a: jnp.moveaxis(a, -1, 1)
+    with self.assertRaisesRegex(ValueError, r"channel_axis=1 for \[B, C, H, W\]"):
+      ssim_jax.ssim(nchw(x), nchw(y))
+    np.testing.assert_allclose(
+        call(ssim_jax.ssim, nchw(x), nchw(y), channel_axis=1),
+        call(ssim_jax.ssim, x, y), rtol=1e-6)
+
+  def test_skimage_channel_axis_convention(self):
+    # skimage's channel_axis=0 on one [C, H, W] image is ours.
+    x, y = _retina_pair(48)
+    x, y = np.moveaxis(x, -1, 0), np.moveaxis(y, -1, 0)
+    got = call(ssim_jax.ssim, x.astype(np.float32), y.astype(np.float32),
+               channel_axis=0)
+    want = structural_similarity(
+        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=1.0, channel_axis=0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 if __name__ == "__main__":

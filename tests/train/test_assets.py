@@ -1,6 +1,6 @@
 """The pretrained models shipped in train/assets/ load and reach their documented figures.
 
-README "The main job" documents how each was made (configs/vae_retina.py,
+docs/main_job.rst documents how each was made (configs/vae_retina.py,
 configs/flow_retina_base.py) and these held-out figures (16 validation crops
 of configs/default.py, float32 on CPU). The tolerances cover float32 rounding
 across CPU kinds; a damaged or replaced file misses them by far more.
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from configs import default  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# Documented in README.md (held-out crops of configs/default.py).
+# Documented in README.md and docs/main_job.rst (held-out crops of configs/default.py).
 VAE_PSNR, VAE_SSIM = 35.95, 0.9524
 BASE_PSNR, BASE_SSIM = 32.91, 0.8796  # per-crop sampler noise (fold_in(key, i))
 
