@@ -765,7 +765,9 @@ def make_sampler(config, velocity: velocity_lib.VelocityModel, model_graphdef, v
         out_specs=P(step_lib.AXIS))(model_params, frozen, lowres, noise)
     return out[:n]
 
-  return jax.jit(sample)
+  # The images come back whole on every device (and process): they are small, and the
+  # loop's metrics and grid read them on the host.
+  return jax.jit(sample, out_shardings=jax.sharding.NamedSharding(mesh, P()))
 
 
 def make_recon(config, vae_graphdef, vae_rest, *, compute_dtype):
