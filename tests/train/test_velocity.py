@@ -162,53 +162,53 @@ def test_decoded_ssim_gradient_through_flux_is_finite():
 
 
 @pytest.mark.slow
-def test_flux_tiny_from_a_diffusers_folder_trains_exports_and_diffusers_reads_it(small_flux,
-                                                                                tmp_path):
-  """configs/flux_tiny.py started from a diffusers folder (another width than the
-  config's fields: the folder's config.json wins), on 2 devices with fsdp 2: it
-  trains, samples, records the weights' sha256, and exports a folder that
-  diffusers loads and runs to the outputs of the trained parameters."""
-  folder, ref = small_flux
-  cfg = _config(pretrained=folder)
-  cfg.mesh.fsdp = 2
-  workdir = str(tmp_path / "run")
-  results = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:2])
-  assert not results["preempted"] and results["skipped"]["flow"] == 0
-  assert np.isfinite(results["flow"]["model"]["psnr"])
-  assert "base" in results  # the pretrained model, evaluated before fine-tuning
-  with open(os.path.join(workdir, "pretrained_model.json")) as f:
-    record = json.load(f)
-  assert record["sha256"] == flux.weights_sha256(flux.locate(folder).files)
-  out = os.path.join(workdir, "export", "transformer")
+def test_cli_runs_flux_tiny_end_to_end_and_diffusers_reads_its_export(tmp_path):
+  """`python -m train --config=configs/flux_tiny.py` on the CPU: trains the tiny FLUX on
+  the shipped retina VAE, samples, prints the table, and exports a diffusers folder that
+  diffusers loads and runs to our model's outputs."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "train", f"--config={ROOT}/configs/flux_tiny.py",
+                         f"--workdir={workdir}"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert "stage flow: 4 steps, flux from scratch" in proc.stdout
+  assert "model" in proc.stdout and "bicubic" in proc.stdout  # the table
+  with open(workdir / "results.json") as f:
+    assert np.isfinite(json.load(f)["validation"]["model"]["psnr"])
+  out = str(workdir / "export" / "transformer")
   back = diffusers.FluxTransformer2DModel.from_pretrained(out).eval()
-  assert back.config.num_single_layers == SMALL["num_single_layers"]
-  trained = flux.from_diffusers(out)
-  # The export holds the trained parameters exactly ...
-  got = dict(flux.diffusers_tensors(nnx.to_pure_dict(nnx.state(trained, nnx.Param)),
-                                    trained.config))
-  params = jax.tree.map(np.asarray, results["params"]["model"])
-  want = dict(flux.diffusers_tensors(params, trained.config))
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-  # ... which moved away from the base, and diffusers runs them.
-  base = {k: v.numpy() for k, v in ref.state_dict().items()}
-  assert any(not np.array_equal(got[k], base[k]) for k in base)
-  x = torch.randn(1, 6, 32)
+  ours = flux.from_diffusers(out)
+  cfg = flux_tiny.get_config()
+  assert back.config.joint_attention_dim == cfg.flux.joint_attention_dim
+  rng = np.random.default_rng(0)
+  inp = dict(hidden_states=rng.normal(size=(1, 6, 32)).astype(np.float32),
+             encoder_hidden_states=rng.normal(size=(1, 8, 32)).astype(np.float32),
+             pooled_projections=rng.normal(size=(1, 16)).astype(np.float32),
+             timestep=np.array([0.4], np.float32), img_ids=flux.latent_image_ids(2, 3),
+             txt_ids=np.zeros((8, 3), np.float32), guidance=np.array([3.5], np.float32))
   with torch.no_grad():
-    y = back(hidden_states=x, encoder_hidden_states=torch.zeros(1, 8, 12),
-             pooled_projections=torch.zeros(1, 6), timestep=torch.tensor([0.5]),
-             img_ids=torch.tensor(flux.latent_image_ids(2, 3)), txt_ids=torch.zeros(8, 3),
-             guidance=torch.tensor([3.5])).sample
-  assert torch.isfinite(y).all()
+    theirs = back(**{k: torch.tensor(v) for k, v in inp.items()}).sample.numpy()
+  with jax.default_matmul_precision("highest"):
+    mine = np.asarray(ours(*(jnp.asarray(inp[k]) for k in (
+        "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
+                           inp["img_ids"], inp["txt_ids"], jnp.asarray(inp["guidance"])))
+  np.testing.assert_allclose(mine, theirs, atol=2e-5 * np.abs(theirs).max())
 
 
 @pytest.mark.slow
 def test_resuming_against_other_flux_weights_fails(small_flux, tmp_path):
+  """Fine-tuning all of a diffusers FLUX (its config.json's widths, not flux_tiny's) records
+  the weights' sha256; the workdir then refuses other weights, or none."""
   folder, _ = small_flux
   cfg = _config(pretrained=folder)
   workdir = str(tmp_path / "run")
   r = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1], stop_after={"flow": 2})
   assert r["preempted"]
+  with open(os.path.join(workdir, "pretrained_model.json")) as f:
+    assert json.load(f)["sha256"] == flux.weights_sha256(flux.locate(folder).files)
   other = tmp_path / "other"
   _write_flux(other, seed=1)  # same architecture, other weights
   with pytest.raises(config_lib.ConfigError, match="config.flux.pretrained:.*sha256"):

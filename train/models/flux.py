@@ -382,10 +382,10 @@ class FluxTransformer(nnx.Module):
     self.x_embedder = _linear(cfg.in_channels, d, rngs, param_dtype)
     self.context_embedder = _linear(cfg.joint_attention_dim, d, rngs, param_dtype)
     self.time_text_embed = TimeTextEmbed(cfg, rngs, param_dtype)
-    self.transformer_blocks = stacking.stack(
-        [DoubleBlock(cfg, rngs, param_dtype) for _ in range(cfg.num_layers)])
-    self.single_transformer_blocks = stacking.stack(
-        [SingleBlock(cfg, rngs, param_dtype) for _ in range(cfg.num_single_layers)])
+    self.transformer_blocks = stacking.stack_init(
+        lambda r: DoubleBlock(cfg, r, param_dtype), cfg.num_layers, rngs)
+    self.single_transformer_blocks = stacking.stack_init(
+        lambda r: SingleBlock(cfg, r, param_dtype), cfg.num_single_layers, rngs)
     self.norm_out = AdaNorm(d, 2, rngs, param_dtype)
     self.proj_out = _linear(d, cfg.patch_size ** 2 * cfg.output_channels, rngs, param_dtype)
 

@@ -45,6 +45,22 @@ def stack(modules: list[nnx.Module]) -> nnx.Module:
                                               *[state for _, state in splits]))
 
 
+def stack_init(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int,
+               rngs: nnx.Rngs) -> nnx.Module:
+  """`depth` blocks `make_block(rngs)` built in ONE vmapped call: parameters `[depth, ...]`.
+
+  Each block gets its own split of `rngs`. Tracing (and `nnx.eval_shape` of a
+  12 B model for a memory plan) costs one block whatever the depth; `stack`
+  of separately built blocks costs `depth` of them.
+  """
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(r):
+    return make_block(r)
+
+  return create(rngs)
+
+
 def scan(stacked: nnx.Module, carry, apply: Callable, *, remat: str = "none",
          prepare_block: Callable | None = None):
   """Runs `carry = apply(block_i, carry)` for every block of `stacked`, in one scan.
