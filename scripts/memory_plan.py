@@ -87,8 +87,7 @@ def main(argv):
       plans = loop.memory_plans(_CONFIG.value, devices, stages=(name,))
       for stage, plan in plans.items():
         print(plan.line(name=f"stage {stage}", limit=limit), flush=True)
-        print(f"stage {stage}: {memory.format_count(plan.num_params)} parameters, "
-              f"peak {memory.format_bytes(plan.peak)} per chip"
+        print(f"stage {stage}: {plan.params_text()}, peak {memory.format_bytes(plan.peak)} per chip"
               + (f" of {memory.format_bytes(limit)}" if limit else "")
               + f", compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         print(f"stage {stage}: {_flop_text(plan.flops)} per step per device (matmuls and "

@@ -13,10 +13,24 @@ as written, in a child pytest whose path has them.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache per test session, made by the controller
+# before the xdist workers start (they, and the CLI runs the tests start,
+# inherit it): many tests compile the same small train steps and samplers, and
+# a hit loads the executable instead of compiling it again. It is the same
+# executable (the key is the program, its options and the jax version), and
+# the folder is removed when the session ends, so nothing outlives the run.
+_OWN_CACHE = ("PYTEST_XDIST_WORKER" not in os.environ
+              and "JAX_COMPILATION_CACHE_DIR" not in os.environ)
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssim_jax_test_jit_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -44,6 +58,12 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def plan_plugins() -> str:
   """The folder of the compile-only plugins (installed once per jaxlib version)."""
   return plan_plugins_lib.install()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_configure(config):

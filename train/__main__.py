@@ -83,7 +83,7 @@ def main(argv):
     try:
       for name, plan in loop.memory_plans(_CONFIG.value).items():
         print(plan.line(name=f"stage {name}", limit=limit))
-        print(f"stage {name}: {memory.format_count(plan.num_params)} parameters")
+        print(f"stage {name}: {plan.params_text()}")
         memory.check_fit(plan, limit=limit, name=f"stage {name}",
                          note=memory.limit_note(jax.local_devices()[0]))
     except config_lib.ConfigError as e:  # MemoryPlanError is one

@@ -318,7 +318,8 @@ def memory_plans(config, devices=None, *,
     plans[name] = memory_lib.plan(
         memory_lib.compile_step(traced.lower(), name=f"stage {name}",
                                 compiler_options=memory_lib.compiler_options(devices)),
-        state, flops=memory_lib.step_flops(traced.jaxpr, num_devices=len(devices)))
+        state, flops=memory_lib.step_flops(traced.jaxpr, num_devices=len(devices)),
+        frozen=frozen.get(step_lib.FROZEN_BASE))
   return plans
 
 

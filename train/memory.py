@@ -48,6 +48,7 @@ class MemoryPlan(NamedTuple):
     out, and XLA:GPU's is the live-buffer peak, below what the GPU runtime
     allocates (arguments, outputs and the whole temporary slab at once).
   num_params: parameters of the trained model (elements, whole, not per device).
+  frozen_params: parameters of a frozen base the trained ones adapt (LoRA), 0 without.
   flops: matmul + convolution FLOPs of one step on one device (`step_flops`),
     0 when not counted.
   """
@@ -60,6 +61,14 @@ class MemoryPlan(NamedTuple):
   compiler_peak: int = 0
   num_params: int = 0
   flops: float = 0.0
+  frozen_params: int = 0
+
+  def params_text(self) -> str:
+    """`11.90 B parameters`, or `261.5 M parameters trained (LoRA) on a frozen 11.90 B base`."""
+    text = f"{format_count(self.num_params)} parameters"
+    if self.frozen_params:
+      text += f" trained (LoRA) on a frozen {format_count(self.frozen_params)} base"
+    return text
 
   @property
   def peak(self) -> int:
@@ -91,7 +100,7 @@ def format_bytes(n: int) -> str:
   return f"{n} B"
 
 
-def plan(compiled, state, *, flops: float = 0.0) -> MemoryPlan:
+def plan(compiled, state, *, flops: float = 0.0, frozen=None) -> MemoryPlan:
   """The memory plan of `compiled` (a `jax.stages.Compiled` train step) and `state`.
 
   Args:
@@ -99,6 +108,7 @@ def plan(compiled, state, *, flops: float = 0.0) -> MemoryPlan:
     state: the `TrainState` passed in (arrays or ShapeDtypeStructs with
       shardings); its params and optimizer state are measured from their shards.
     flops: the step's FLOPs per device (`step_flops`), carried into the plan.
+    frozen: the frozen base's params (LoRA; arrays or ShapeDtypeStructs), counted.
   """
   ma = compiled.memory_analysis()
   get = lambda field: int(getattr(ma, field, 0) or 0) if ma is not None else 0
@@ -109,9 +119,12 @@ def plan(compiled, state, *, flops: float = 0.0) -> MemoryPlan:
                     temp=get("temp_size_in_bytes"),
                     alias=get("alias_size_in_bytes"),
                     compiler_peak=get("peak_memory_in_bytes") if _platform(state) == "tpu" else 0,
-                    num_params=sum(math.prod(np.shape(x))
-                                   for x in jax.tree.leaves(state.params)),
+                    num_params=_count(state.params), frozen_params=_count(frozen),
                     flops=float(flops))
+
+
+def _count(tree) -> int:
+  return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
 
 
 def _platform(state) -> str:

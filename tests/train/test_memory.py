@@ -57,6 +57,25 @@ def test_plan_figures_come_from_the_compiled_step_and_the_arrays():
   line = p4.line(name="stage flow")
   assert line.startswith("memory plan (stage flow): per device ") and "\n" not in line
   assert "not checked" in line
+  assert p4.num_params == 256 * 64 + 64 and p4.params_text() == "16.4 K parameters"
+
+
+def test_plan_counts_a_frozen_base_apart_from_the_trained_params():
+  """LoRA: the step's `frozen['base']` (here abstract) is counted, and named, as a frozen base."""
+  mesh = sharding.make_mesh(fsdp=1)
+  params = {"lora_A": jnp.ones((64, 4)), "lora_B": jnp.zeros((4, 64))}
+  base = {"kernel": jax.ShapeDtypeStruct((3000, 1000), jnp.bfloat16),
+          "scale": jax.ShapeDtypeStruct((1000,), jnp.bfloat16)}
+  tx = optax.adam(1e-3)
+  state = step_lib.place_state(step_lib.init_state(params, tx), mesh)
+  train_step = step_lib.make_train_step(
+      lambda p, b, frozen: (jnp.sum(b["x"] @ p["lora_A"] @ p["lora_B"]), {}), tx, mesh)
+  compiled = train_step.lower(state, step_lib.shard_batch({"x": np.ones((8, 64), np.float32)},
+                                                          mesh), {}, jax.random.PRNGKey(0)).compile()
+  plan = memory.plan(compiled, state, frozen=base)
+  assert (plan.num_params, plan.frozen_params) == (512, 3_001_000)
+  assert plan.params_text() == "512 parameters trained (LoRA) on a frozen 3.0 M base"
+  assert memory.plan(compiled, state).params_text() == "512 parameters"
 
 
 def test_fit_check_names_the_fields_to_change():
