@@ -74,7 +74,7 @@ def main():
       cfg.data, batch_size_per_process=loop.global_batch_size(cfg), seed=cfg.seed)
   frozen = step_lib.replicate(progs.vae[1], mesh)
   key = jax.random.PRNGKey(cfg.seed)
-  state = step_lib.place_state(progs.flow_state0, mesh, min_shard_size=cfg.mesh.min_shard_size)
+  state = step_lib.place_state(progs.initial_state("flow"), mesh, min_shard_size=cfg.mesh.min_shard_size)
   steps = {"old": old_per_step_read(progs.flow_step), "new": progs.flow_step}
   rates = {"old": [], "new": []}
   with tempfile.TemporaryDirectory() as tmp:

@@ -119,7 +119,10 @@ class Programs(NamedTuple):
   base: Any
   latent_shape: tuple  # (h, w, c) of one image's latent
   vae_tx: Any
-  vae_state0: Any  # TrainState at step 0
+  # The step-0 TrainStates' shapes (ShapeDtypeStructs): `initial_state` makes
+  # one when a stage starts, so a run does not keep a second copy of the
+  # trained params and their optimizer state beside the ones it trains.
+  vae_state0: Any
   flow_state0: Any
   vae_schedule: Any
   vae_step: Any
@@ -128,6 +131,12 @@ class Programs(NamedTuple):
   flow_step: Any
   sampler: Any
   recon: Any
+
+  def initial_state(self, stage: str):
+    """A fresh step-0 TrainState of `stage` ('vae' or 'flow'), where its params are."""
+    if stage == "vae":
+      return step_lib.init_state(self.vae[1], self.vae_tx)
+    return step_lib.init_state(self.model[1], self.flow_tx, ema=self.flow_state0.ema is not None)
 
 
 _PROGRAMS: dict = {}
@@ -224,8 +233,7 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
           config, latent_shape, image_tokens=velocity.image_tokens(latent_shape)),
       lr_schedule=flow_schedule, ema_decay=config.ema.decay, ema_warmup=config.ema.warmup,
       **common)
-  init_state = ((lambda p, tx, **kw: jax.eval_shape(lambda q: step_lib.init_state(q, tx, **kw), p))
-                if abstract else step_lib.init_state)
+  init_state = lambda p, tx, **kw: jax.eval_shape(lambda q: step_lib.init_state(q, tx, **kw), p)
   programs = Programs(
       vae=vae, model=model, velocity=velocity, model_inputs=velocity.frozen_inputs(), base=base,
       latent_shape=latent_shape, vae_tx=vae_tx, vae_schedule=vae_schedule,
@@ -536,7 +544,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every,
                                          preemption_check_every=config.preemption_check_every)
-    state = _restore(checkpointer, place(progs.vae_state0))
+    state = _restore(checkpointer, place(progs.initial_state("vae")))
     t_stage = time.perf_counter()
     if total:
       _say(f"stage vae: {total} steps" + (f", resuming at step {int(state.step)}"
@@ -590,7 +598,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every,
                                          preemption_check_every=config.preemption_check_every)
-    state = _restore(checkpointer, place(progs.flow_state0))
+    state = _restore(checkpointer, place(progs.initial_state("flow")))
     t_stage = time.perf_counter()
     base = _pretrained_model(config)
     _say(f"stage flow: {total} steps, {progs.velocity.name} "

@@ -185,7 +185,7 @@ def test_tiny_flow_step_trains_to_the_same_params_on_every_mesh():
         make_inputs=step_lib.make_flow_inputs(
             cfg, progs.latent_shape, image_tokens=progs.velocity.image_tokens(progs.latent_shape)),
         lr_schedule=progs.flow_schedule, min_shard_size=cfg.mesh.min_shard_size)
-    state = step_lib.place_state(progs.flow_state0, mesh,
+    state = step_lib.place_state(progs.initial_state("flow"), mesh,
                                  min_shard_size=cfg.mesh.min_shard_size)
     frozen = step_lib.replicate({"vae": vae_params, "model": {}}, mesh)
     key = jax.random.PRNGKey(0)
