@@ -200,12 +200,13 @@ def test_cli_runs_flux_tiny_end_to_end_and_diffusers_reads_its_export(tmp_path):
 
 @pytest.mark.slow
 def test_resuming_against_other_flux_weights_fails(small_flux, tmp_path):
-  """Fine-tuning all of a diffusers FLUX (its config.json's widths, not flux_tiny's) records
-  the weights' sha256; the workdir then refuses other weights, or none."""
+  """A run fine-tuning all of a diffusers FLUX (its config.json's widths, not flux_tiny's)
+  records the weights' sha256 before its first step (stopped there, it leaves a step-0
+  checkpoint); the workdir then refuses other weights, or none."""
   folder, _ = small_flux
   cfg = _config(pretrained=folder)
   workdir = str(tmp_path / "run")
-  r = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1], stop_after={"flow": 2})
+  r = loop.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1], stop_after={"flow": 0})
   assert r["preempted"]
   with open(os.path.join(workdir, "pretrained_model.json")) as f:
     assert json.load(f)["sha256"] == flux.weights_sha256(flux.locate(folder).files)
