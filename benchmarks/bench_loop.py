@@ -72,7 +72,7 @@ def main():
   progs = loop.build_programs(cfg, mesh)
   datasets = input_pipeline.make_datasets(
       cfg.data, batch_size_per_process=loop.global_batch_size(cfg), seed=cfg.seed)
-  frozen = step_lib.replicate(progs.vae[1], mesh)
+  frozen = loop.frozen_inputs(progs, progs.vae[1], mesh, min_shard_size=cfg.mesh.min_shard_size)
   key = jax.random.PRNGKey(cfg.seed)
   state = step_lib.place_state(progs.initial_state("flow"), mesh, min_shard_size=cfg.mesh.min_shard_size)
   steps = {"old": old_per_step_read(progs.flow_step), "new": progs.flow_step}

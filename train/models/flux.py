@@ -661,9 +661,10 @@ def from_diffusers(path: str | os.PathLike, *, dtype=jnp.float32, remat: str = "
   abstractly (no random initialisation), then each parameter is created with
   `jax.make_array_from_callback` directly in its target sharding, each
   device's shard read from the memory-mapped files: a sharded model is never
-  whole on one device, and the host holds at most one parameter (one stacked
-  block-stack leaf, e.g. 19 x 3072 x 12288 float32 = 2.7 GiB for FLUX.1's
-  largest) beyond the page cache of the files.
+  whole on one device, and the host holds at most one parameter's shards
+  beyond the page cache of the files (FLUX.1's largest parameter, the single
+  stack's `proj_out` kernel, 38 x 15360 x 3072, is 6.7 GiB in float32, 3.3 GiB
+  in bf16; `benchmarks/bench_flux_load.py` measures the peak).
 
   Args:
     path: a pipeline folder (reads `transformer/`) or a transformer folder
