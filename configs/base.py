@@ -218,3 +218,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.faults.nan_model_steps = ()  # NaN produced inside the model output
   c.faults.kill_at_step = 0  # SIGKILL right after this step (one-shot per workdir)
   return c
+
+
+def set_flux_vae(c: ml_collections.ConfigDict) -> None:
+  """Sets `c.vae` to FLUX.1's VAE architecture (16 latent channels at 1/8 the image size).
+
+  Its weights come from `vae.pretrained` (a diffusers folder, or a FLUX
+  pipeline's vae/), whose config.json is checked against these fields.
+  """
+  c.vae.channels = (128, 256, 512, 512)
+  c.vae.latent_channels = 16
+  c.vae.layers_per_block = 2
+  c.vae.norm_groups = 32
+  c.vae.mid_attention = True

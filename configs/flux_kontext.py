@@ -42,11 +42,7 @@ def get_config():
   c.data.prefetch = 4
   # FLUX.1's VAE (the pipeline's vae/; its architecture, checked against its config.json).
   c.vae.pretrained = ""
-  c.vae.channels = (128, 256, 512, 512)
-  c.vae.latent_channels = 16
-  c.vae.layers_per_block = 2
-  c.vae.norm_groups = 32
-  c.vae.mid_attention = True
+  base.set_flux_vae(c)
   c.vae.steps = 0  # never trained here
   # FLUX.1 Kontext [dev]: 19 double + 38 single blocks, hidden 3072, 24 heads.
   c.flux.pretrained = ""

@@ -76,11 +76,7 @@ def get_config():
   c.data.prefetch = 4
   # The frozen VAE: FLUX.1's (set vae.pretrained to its diffusers folder).
   c.vae.pretrained = ""
-  c.vae.channels = (128, 256, 512, 512)
-  c.vae.latent_channels = 16
-  c.vae.layers_per_block = 2
-  c.vae.norm_groups = 32
-  c.vae.mid_attention = True
+  base.set_flux_vae(c)
   c.vae.steps = 50_000  # only without vae.pretrained
   c.vae.learning_rate = 1e-4
   c.vae.warmup_steps = 1000
