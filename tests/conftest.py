@@ -31,6 +31,9 @@ _OWN_CACHE = ("PYTEST_XDIST_WORKER" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssim_jax_test_jit_cache_")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  # A size limit turns on the cache's file lock: a worker never reads an entry
+  # that another process is still writing.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
