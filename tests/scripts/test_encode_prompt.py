@@ -15,9 +15,11 @@ import pytest
 
 from train import config as config_lib
 from train import velocity
+import optional  # tests/ is on the path
 
-torch = pytest.importorskip("torch")  # the test extra installs the CPU wheel (CI has it)
-transformers = pytest.importorskip("transformers")
+torch = optional.require("torch")
+transformers = optional.require("transformers")
+optional.require("diffusers")  # encode_prompt builds FluxPipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)

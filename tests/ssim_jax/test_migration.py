@@ -6,13 +6,14 @@ except under CI (`CI` set), where a missing library is a failure, not a skip.
 """
 
 import doctest
-import importlib
 import io
 import os
 import re
 
 import numpy as np
 import pytest
+
+import optional  # tests/ is on the path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGE = os.path.join(ROOT, "docs", "migration.rst")
@@ -35,16 +36,10 @@ def test_every_library_has_one_example():
     assert text.count(">>>") >= 5, name
 
 
-def _require(module: str):
-  if os.environ.get("CI"):
-    return importlib.import_module(module)  # CI installs the test extra: never skip
-  return pytest.importorskip(module)
-
-
 @pytest.mark.parametrize("library", sorted(LIBRARIES))
 def test_example_agrees_with_the_library(library):
   for module in LIBRARIES[library]:
-    _require(module)
+    optional.require(module)
   text = _examples()[library]
   test = doctest.DocTestParser().get_doctest(text, {}, f"migration.rst[{library}]", PAGE, 0)
   out = io.StringIO()

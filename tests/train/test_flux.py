@@ -19,9 +19,10 @@ from flax import nnx
 from ssim_jax import flow
 from train import sharding
 from train.models import flux
+import optional  # tests/ is on the path
 
-torch = pytest.importorskip("torch")  # the test extra installs the CPU wheel (CI has it)
-diffusers = pytest.importorskip("diffusers")
+torch = optional.require("torch")
+diffusers = optional.require("diffusers")
 
 TINY = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,

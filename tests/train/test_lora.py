@@ -22,10 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from configs import flux_tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+import optional  # noqa: E402  (tests/ is on the path)
 
-torch = pytest.importorskip("torch")  # the test extra installs the CPU wheel (CI has it)
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("peft")
+torch = optional.require("torch")
+diffusers = optional.require("diffusers")
+optional.require("peft")
 
 SMALL = dict(patch_size=1, in_channels=32, num_layers=1, num_single_layers=2,
              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,

@@ -26,9 +26,10 @@ from train.models import flux
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from configs import flux_tiny  # noqa: E402  pylint: disable=g-import-not-at-top
+import optional  # noqa: E402  (tests/ is on the path)
 
-torch = pytest.importorskip("torch")  # the test extra installs the CPU wheel (CI has it)
-diffusers = pytest.importorskip("diffusers")
+torch = optional.require("torch")
+diffusers = optional.require("diffusers")
 
 # A small diffusers FLUX of flux_tiny's in_channels (4 x the retina VAE's 8 latent
 # channels), with other widths than flux_tiny's own: they come from its config.json.
