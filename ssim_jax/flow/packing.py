@@ -20,17 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssim_jax import checks
+
 
 # Orders of one token's p x p x c values: (patch row, patch column, channel)
 # -- channels-last, the default -- or (channel, patch row, patch column), the
 # order of FLUX (diffusers' `_pack_latents`) and of the seed's NCHW models.
 PATCH_ORDERS = ("pqc", "cpq")
-
-
-def _check_patch_order(patch_order: Any) -> str:
-  if patch_order not in PATCH_ORDERS:
-    raise ValueError(f"patch_order must be one of {PATCH_ORDERS}, got {patch_order!r}")
-  return patch_order
 
 
 def _check_patch_size(patch_size: Any) -> int:
@@ -62,7 +58,7 @@ def patchify(z: jax.Array, *, patch_size: int, patch_order: str = "pqc") -> jax.
     (2, 12, 16)
   """
   p = _check_patch_size(patch_size)
-  order = _check_patch_order(patch_order)
+  order = checks.check_choice(patch_order, "patch_order", PATCH_ORDERS)
   if z.ndim < 3:
     raise ValueError(f"z must have rank >= 3 ([..., H, W, C]), got shape {z.shape}")
   *lead, hp, wp, c = z.shape
@@ -96,7 +92,7 @@ def unpatchify(tokens: jax.Array, *, grid_hw: tuple[int, int],
     (2, 8, 6, 4)
   """
   p = _check_patch_size(patch_size)
-  order = _check_patch_order(patch_order)
+  order = checks.check_choice(patch_order, "patch_order", PATCH_ORDERS)
   h, w = (int(s) for s in grid_hw)
   if tokens.ndim < 2:
     raise ValueError(f"tokens must have rank >= 2, got shape {tokens.shape}")
