@@ -210,13 +210,15 @@ class VelocityModel:
     raise NotImplementedError
 
   def export_lora(self, params, workdir: str) -> dict:
-    """Host params to export: with LoRA, writes `WORKDIR/export/lora/` and merges the update.
+    """The params to export: with LoRA, writes `WORKDIR/export/lora/` and merges the update.
 
-    Returns the parameters as numpy, LoRA merged into the kernels (float32).
+    Without LoRA, `params` as they are (a writer that gathers one tensor at a
+    time never holds the whole model on the host); with LoRA, numpy
+    parameters with the update merged into the kernels (float32).
     """
-    host = jax.tree.map(flux_lib.to_host, params)  # every process takes part
     if not self.lora_rank:
-      return host
+      return params
+    host = jax.tree.map(flux_lib.to_host, params)  # every process takes part
     _, factors = lora_lib.split(host)
     if jax.process_index() == 0:
       lora_lib.save_diffusers(factors, self.lora_targets(),
@@ -269,7 +271,7 @@ class DiTVelocity(VelocityModel):
   def export(self, params, workdir):
     folder = os.path.join(workdir, "export", "dit")
     c = self.config
-    host = self.export_lora(params, workdir)
+    host = jax.tree.map(flux_lib.to_host, self.export_lora(params, workdir))  # every process
     if jax.process_index() == 0:
       dit_lib.save_pretrained(host, folder, model_config={
           "latent_channels": c.vae.latent_channels,
