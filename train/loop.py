@@ -255,10 +255,11 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _abstract(tree):
-  """ShapeDtypeStructs of placed arrays, with their shardings (orbax restores onto them)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
+def _placed_shapes(state, mesh, *, min_shard_size: int):
+  """ShapeDtypeStructs of `state` (arrays or shapes) with the shardings `place_state` gives it."""
+  shardings = sharding_lib.state_shardings(state, mesh, min_shard_size=min_shard_size)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      state, shardings)
 
 
 def _memory_plan(name: str, train_step, state, batch, frozen, key, *,
@@ -267,16 +268,29 @@ def _memory_plan(name: str, train_step, state, batch, frozen, key, *,
 
   Returns one device's FLOPs of the step (`memory.step_flops`) when `flops`.
   """
-  traced = train_step.trace(state, batch, frozen, key)
-  step_flops = (memory_lib.step_flops(traced.jaxpr, num_devices=jax.device_count())
-                if flops else None)
-  plan = memory_lib.plan(memory_lib.compile_step(traced.lower(), name=f"stage {name}"), state,
-                         flops=step_flops or 0.0)
+  plan = _plan_step(name, train_step, state, batch, frozen, key,
+                    num_devices=jax.device_count() if flops else 0)
   limit = memory_lib.device_limit()
   _say(plan.line(name=f"stage {name}", limit=limit))
   memory_lib.check_fit(plan, limit=limit, name=f"stage {name}",
                        note=memory_lib.limit_note(jax.local_devices()[0]))
-  return step_flops
+  return plan.flops if flops else None
+
+
+def _plan_step(name: str, train_step, state, batch, frozen, key, *, num_devices: int,
+               compiler_options: dict | None = None) -> memory_lib.MemoryPlan:
+  """Traces and compiles `train_step` for its arguments (arrays or ShapeDtypeStructs): its plan.
+
+  The FLOPs per device are counted over `num_devices` (0: not counted); a LoRA
+  base in `frozen` is counted as the frozen parameters.
+  """
+  traced = train_step.trace(state, batch, frozen, key)
+  return memory_lib.plan(
+      memory_lib.compile_step(traced.lower(), name=f"stage {name}",
+                              compiler_options=compiler_options),
+      state, flops=(memory_lib.step_flops(traced.jaxpr, num_devices=num_devices)
+                    if num_devices else 0.0),
+      frozen=frozen.get(step_lib.FROZEN_BASE) if isinstance(frozen, dict) else None)
 
 
 def memory_plans(config, devices=None, *,
@@ -318,16 +332,10 @@ def memory_plans(config, devices=None, *,
       continue
     if name == "flow" and not config.flow.steps:
       continue
-    shardings = sharding_lib.state_shardings(state0, mesh,
-                                             min_shard_size=config.mesh.min_shard_size)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-                         state0, shardings)
-    traced = train_step.trace(state, batch, frozen, key)
-    plans[name] = memory_lib.plan(
-        memory_lib.compile_step(traced.lower(), name=f"stage {name}",
-                                compiler_options=memory_lib.compiler_options(devices)),
-        state, flops=memory_lib.step_flops(traced.jaxpr, num_devices=len(devices)),
-        frozen=frozen.get(step_lib.FROZEN_BASE))
+    state = _placed_shapes(state0, mesh, min_shard_size=config.mesh.min_shard_size)
+    plans[name] = _plan_step(name, train_step, state, batch, frozen, key,
+                             num_devices=len(devices),
+                             compiler_options=memory_lib.compiler_options(devices))
   return plans
 
 
@@ -451,26 +459,29 @@ def _train_iter(datasets, checkpointer, step: int):
   return it
 
 
-def _restore(checkpointer, state):
-  """The newest intact checkpoint of `checkpointer` as a state like `state` (or `state`).
+def _restore(checkpointer, shapes, init):
+  """The newest intact checkpoint of `checkpointer` as a state like `shapes`, else `init()`.
 
-  A state with an EMA restores a checkpoint written without one (EMA off
-  then, or a version before it): its EMA starts from the restored params,
-  with a warning. The reverse (EMA turned off) is a changed state: an error.
+  `shapes`: the placed state's ShapeDtypeStructs (`_placed_shapes`), which
+  orbax restores onto; `init()` makes a fresh placed state, only when there
+  is no checkpoint (a resume never builds one to throw away). A state with an
+  EMA restores a checkpoint written without one (EMA off then, or a version
+  before it): its EMA starts from the restored params, with a warning. The
+  reverse (EMA turned off) is a changed state: an error.
   """
   try:
-    restored, _ = checkpointer.restore_latest(_abstract(state))
+    restored, _ = checkpointer.restore_latest(shapes)
   except ckpt_lib.StructureMismatchError:
-    if state.ema is None:
+    if shapes.ema is None:
       raise
-    restored, step = checkpointer.restore_latest(_abstract(state._replace(ema=None)))
+    restored, step = checkpointer.restore_latest(shapes._replace(ema=None))
     if restored is None:
       raise
     logging.warning("%s: checkpoint step %d has no EMA (config.ema.decay was 0 when it was "
                     "written); the EMA starts from its params", checkpointer.directory, step)
     restored = restored._replace(ema=sharding_lib.put(
         restored.params, jax.tree.map(lambda x: x.sharding, restored.params)))
-  return state if restored is None else restored
+  return init() if restored is None else restored
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None,
@@ -501,8 +512,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
   config = config_lib.resolve(config)
   config_lib.validate(config, num_devices=len(devices))
   mesh = step_lib.make_mesh(devices, fsdp=config.mesh.fsdp)
-  place = lambda state0: step_lib.place_state(  # params and optimizer state over fsdp
-      state0, mesh, min_shard_size=config.mesh.min_shard_size)
+  def restore_or_init(checkpointer, stage: str):
+    """The stage's newest checkpoint, else a fresh state; params and optimizer state over fsdp."""
+    return _restore(checkpointer, _placed_shapes(getattr(progs, f"{stage}_state0"), mesh,
+                                                 min_shard_size=config.mesh.min_shard_size),
+                    lambda: step_lib.place_state(progs.initial_state(stage), mesh,
+                                                 min_shard_size=config.mesh.min_shard_size))
   ckpt_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
   # Pretrained VAE and velocity model: provenance (paths, sha256) checked
@@ -544,7 +559,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every,
                                          preemption_check_every=config.preemption_check_every)
-    state = _restore(checkpointer, place(progs.initial_state("vae")))
+    state = restore_or_init(checkpointer, "vae")
     t_stage = time.perf_counter()
     if total:
       _say(f"stage vae: {total} steps" + (f", resuming at step {int(state.step)}"
@@ -598,7 +613,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None,
                                          max_to_keep=config.ckpt_max_to_keep,
                                          save_interval_steps=config.ckpt_every,
                                          preemption_check_every=config.preemption_check_every)
-    state = _restore(checkpointer, place(progs.initial_state("flow")))
+    state = restore_or_init(checkpointer, "flow")
     t_stage = time.perf_counter()
     base = _pretrained_model(config)
     _say(f"stage flow: {total} steps, {progs.velocity.name} "
