@@ -758,9 +758,7 @@ def make_sampler(config, velocity: velocity_lib.VelocityModel, model_graphdef, v
 
   def local(model_params, frozen, lowres, noise, specs, fspecs):
     """One device's crops; its shards of the model's parameters (and of a LoRA base)."""
-    full_specs = step_lib.model_specs(specs, fspecs)
-    params = step_lib.gather_params(step_lib.model_params(model_params, frozen), full_specs)
-    gathers = {k: step_lib.block_gatherer(full_specs[k]) for k in velocity.stacks if k in params}
+    params, gathers = step_lib.gather_model(model_params, frozen, specs, fspecs)
     vae = nnx.merge(vae_graphdef, step_lib.cast_floating(frozen["vae"], vae_dtype), vae_rest)
     encode = lambda x: step_lib.encode_latents(vae, x, compute_dtype=vae_dtype)
     cond = velocity.condition(frozen["model"], lowres, encode, image_hw)

@@ -215,9 +215,18 @@ def model_params(params, frozen):
   return params
 
 
-def model_specs(specs, fspecs):
-  """`model_params` for the specs of the trained params and of `frozen`."""
-  return model_params(specs, fspecs)
+def gather_model(params, frozen, specs, fspecs):
+  """Inside shard_map: `(model params, {stack: block gatherer})` from this device's shards.
+
+  `params` (laid out as `specs`) are the trained params, joined with a LoRA
+  run's frozen base (`frozen`, laid out as `fspecs`); every leaf but the
+  stacked blocks is gathered whole here; each stack's blocks are gathered one
+  at a time by its gatherer in the model's scan body ({} without stacks).
+  """
+  full_specs = model_params(specs, fspecs)
+  stacks = [k for k in sharding_lib.STACKED if isinstance(full_specs, dict) and k in full_specs]
+  return (gather_params(model_params(params, frozen), full_specs),
+          {k: block_gatherer(full_specs[k]) for k in stacks})
 
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -275,13 +284,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   def local_grads(params, batch, frozen, specs, fspecs):
     # `params`: this device's shards, invariant over 'data'. Not pcast to
     # varying: the gradient comes back summed over devices in this layout.
-    full_specs, extra = model_specs(specs, fspecs), {}
-    stacks = [k for k in sharding_lib.STACKED if isinstance(full_specs, dict) and k in full_specs]
-    if stacks:
-      extra["gather_block"] = {k: block_gatherer(full_specs[k]) for k in stacks}
-
     def loss(p, b, **kw):
-      return loss_fn(gather_params(model_params(p, frozen), full_specs), b, frozen, **extra, **kw)
+      model, gathers = gather_model(p, frozen, specs, fspecs)
+      extra = {"gather_block": gathers} if gathers else {}
+      return loss_fn(model, b, frozen, **extra, **kw)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     if k == 1:
