@@ -91,7 +91,8 @@ def _load_pretrained_vae(config, dtype):
   return split_model(vae_lib.from_diffusers(config.vae.pretrained, dtype=dtype))
 
 
-def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False, mesh=None):
+def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False, mesh=None,
+                 velocity: velocity_lib.VelocityModel | None = None):
   """`((vae graphdef, params, rest), (model graphdef, params, rest))`, from config.seed.
 
   With `config.vae.pretrained` the VAE is loaded from that diffusers folder
@@ -99,12 +100,14 @@ def build_models(config, *, vae_dtype=jnp.float32, abstract: bool = False, mesh=
   velocity model is `config.model`'s (train/velocity.py), initialised or
   loaded pretrained (into `mesh`'s fsdp layout, when given). `abstract`:
   initialised params as `jax.ShapeDtypeStruct`s (loaded ones stay arrays).
+  `velocity`: `config`'s velocity model, when the caller has it already.
   """
   vae = _load_pretrained_vae(config, vae_dtype) or velocity_lib.init_split(lambda: vae_lib.VAE(
       channels=tuple(config.vae.channels), latent_channels=config.vae.latent_channels,
       layers_per_block=config.vae.layers_per_block, norm_groups=config.vae.norm_groups,
       mid_attention=config.vae.mid_attention, rngs=nnx.Rngs(config.seed)), abstract=abstract)
-  model = velocity_lib.for_config(config).build(mesh=mesh, abstract=abstract)
+  velocity = velocity_lib.for_config(config) if velocity is None else velocity
+  model = velocity.build(mesh=mesh, abstract=abstract)
   return vae, model
 
 
@@ -195,18 +198,17 @@ def build_programs(config, mesh, *, abstract: bool = False) -> Programs:
   `abstract`: initial params and states are `jax.ShapeDtypeStruct`s, for
   lowering and compiling the steps without allocating them (`memory_plans`).
   """
+  velocity = velocity_lib.for_config(config)
   weights = [vae_lib.locate_diffusers(config.vae.pretrained).weights] if config.vae.pretrained else []
-  if config.get("model", "dit") == "flux" and config.flux.pretrained:
-    from train.models import flux as flux_lib  # pylint: disable=g-import-not-at-top
-    weights += list(flux_lib.locate(config.flux.pretrained).files)
+  weights += velocity.pretrained_files()
   cache_key = (config.to_json_best_effort(sort_keys=True), abstract, tuple(mesh.shape.items()),
                tuple(d.id for d in mesh.devices.flat),
                tuple((os.stat(w).st_mtime_ns, os.stat(w).st_size) for w in weights))
   if cache_key in _PROGRAMS:
     return _PROGRAMS[cache_key]
   compute_dtype = jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
-  velocity = velocity_lib.for_config(config)
-  vae, model = build_models(config, vae_dtype=compute_dtype, abstract=abstract, mesh=mesh)
+  vae, model = build_models(config, vae_dtype=compute_dtype, abstract=abstract, mesh=mesh,
+                            velocity=velocity)
   model, base = _split_lora(model, velocity, mesh, compute_dtype=compute_dtype,
                             min_shard_size=config.mesh.min_shard_size)
   vae_graphdef, vae_params, vae_rest = vae

@@ -70,6 +70,7 @@ import optax
 from flax import nnx
 
 import ssim_jax
+from train import config as config_lib
 from train import faults as faults_lib
 from train import lora as lora_lib
 from train import sharding as sharding_lib
@@ -428,8 +429,6 @@ def make_vae_inputs(latent_shape_per_image):
   return make_inputs
 
 
-T_SAMPLINGS = ("logit_normal", "uniform")
-T_SHIFTS = ("none", "resolution")
 
 
 def time_shift(t: jax.Array, mu: float | None) -> jax.Array:
@@ -472,7 +471,7 @@ def sample_t(key, n: int, *, mean: float = 0.0, std: float = 1.0,
   elif sampling == "uniform":
     t = jax.random.uniform(key, (n,), jnp.float32)
   else:
-    raise ValueError(f"t_sampling: must be one of {T_SAMPLINGS}, got {sampling!r}")
+    raise ValueError(f"t_sampling: must be one of {config_lib.T_SAMPLINGS}, got {sampling!r}")
   return time_shift(t, mu)
 
 

@@ -31,12 +31,12 @@ import numpy as np
 from flax import nnx
 
 from ssim_jax import flow
+from train import config as config_lib
 from train import lora as lora_lib
 from train import sharding as sharding_lib
 from train.models import dit as dit_lib
 from train.models import flux as flux_lib
 
-MODELS = ("dit", "flux")
 FLUX_PATCH = 2  # FLUX packs 2 x 2 latent patches per token (diffusers' _pack_latents)
 PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -147,6 +147,9 @@ class VelocityModel:
 
     The non-stacked layers are folded here; each stack's `prepare_block`
     becomes gather-then-fold, so a block's update is formed only while it runs.
+    `params` come already cast to the compute dtype (so a block's factors are
+    gathered in bf16 in a bf16 run); `lora.fold` forms the sum in float32 from
+    those values.
     """
     if not self.lora_rank:
       return params, prepare_block
@@ -195,6 +198,10 @@ class VelocityModel:
   def sequence_length(self, latent_shape) -> int:
     """Tokens the transformer processes per image (image, condition and text): throughput."""
     return self.image_tokens(latent_shape)
+
+  def pretrained_files(self) -> list[str]:
+    """The weight files of the pretrained model the run starts from ([] for none, or the DiT's)."""
+    return []
 
   def describe_pretrained(self) -> dict[str, Any] | None:
     """Provenance (path, weights, sha256) of pretrained weights the run starts from, or None."""
@@ -245,7 +252,6 @@ class DiTVelocity(VelocityModel):
     c = self.config
     dit = init_split(self.make_model, abstract=abstract)
     if c.dit.pretrained:  # fine-tuning: start from a base model's weights
-      from train import config as config_lib  # pylint: disable=g-import-not-at-top
       try:
         _, params = dit_lib.load_pretrained(c.dit.pretrained, like=dit[1])
       except ValueError as e:
@@ -348,8 +354,8 @@ def read_prompt_embeds(path: str) -> dict[str, np.ndarray]:
 
 # FLUX.1's published scheduler settings (scheduler/scheduler_config.json of
 # FLUX.1 [dev] and Kontext [dev]): the resolution-dependent shift.
-FLUX_SHIFT = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-              "max_image_seq_len": 4096}
+# The shift's settings (`config.shift`; a FLUX pipeline's scheduler_config.json has them too).
+SHIFT_FIELDS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 
 
 def scheduler_shift(config) -> dict[str, float]:
@@ -359,13 +365,13 @@ def scheduler_shift(config) -> dict[str, float]:
   `scheduler/scheduler_config.json`, its `base_shift`, `max_shift`,
   `base_image_seq_len` and `max_image_seq_len` are used (logged).
   """
-  out = {k: float(config.shift[k]) for k in FLUX_SHIFT}
+  out = {k: float(config.shift[k]) for k in SHIFT_FIELDS}
   if config.get("model", "dit") == "flux" and config.flux.pretrained:
     path = os.path.join(config.flux.pretrained, "scheduler", "scheduler_config.json")
     if os.path.isfile(path):
       with open(path) as fh:
         sched = json.load(fh)
-      found = {k: float(sched[k]) for k in FLUX_SHIFT if k in sched}
+      found = {k: float(sched[k]) for k in SHIFT_FIELDS if k in sched}
       if found:
         logging.info("time shift from %s: %s", path, found)
       out.update(found)
@@ -456,6 +462,11 @@ class FluxVelocity(VelocityModel):
   def sequence_length(self, latent_shape) -> int:
     return 2 * self.image_tokens(latent_shape) + self.config.flux.prompt_length
 
+  def pretrained_files(self):
+    if not self.config.flux.pretrained:
+      return []
+    return list(flux_lib.locate(self.config.flux.pretrained).files)
+
   def describe_pretrained(self):
     if not self.config.flux.pretrained:
       return None
@@ -476,5 +487,5 @@ def for_config(config) -> VelocityModel:
   """The velocity model named by `config.model` ('dit' when the field is absent)."""
   name = config.get("model", "dit")
   if name not in _MODELS:
-    raise ValueError(f"model: must be one of {MODELS}, got {name!r}")
+    raise ValueError(f"model: must be one of {config_lib.MODELS}, got {name!r}")
   return _MODELS[name](config)

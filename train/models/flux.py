@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from train.models import stacking
+from train.models import vae as vae_lib
 
 STACKS = ("transformer_blocks", "single_transformer_blocks")
 CLASS_NAME = "FluxTransformer2DModel"
@@ -690,7 +691,7 @@ def from_diffusers(path: str | os.PathLike, *, dtype=jnp.float32, remat: str = "
   cfg = FluxConfig.from_dict(ckpt.config, source=os.path.join(ckpt.folder, CONFIG_NAME))
   graphdef, abstract = nnx.split(_abstract_model(cfg, remat=remat, param_dtype=dtype))
   tensors = _Tensors(ckpt)
-  flat_shardings = _flat_shardings(shardings, abstract)
+  flat_shardings = _flat_shardings(shardings)
   used: set[str] = set()
   updates = []
   for (path_, leaf, torch_shape, names), (p2, var) in zip(
@@ -719,7 +720,7 @@ def from_diffusers(path: str | os.PathLike, *, dtype=jnp.float32, remat: str = "
   return nnx.merge(graphdef, nnx.from_flat_state(updates))
 
 
-def _flat_shardings(shardings, abstract_state):
+def _flat_shardings(shardings):
   """`path -> Sharding` from None, one Sharding, or a pure-dict pytree of them."""
   if shardings is None:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -736,7 +737,6 @@ def _flat_shardings(shardings, abstract_state):
       node = node[key]
     return node
 
-  del abstract_state
   return lookup
 
 
@@ -783,13 +783,7 @@ def weights_sha256(files: Sequence[str]) -> str:
   One file: its own sha256 (what `sha256sum` prints). Several: the sha256 of
   their sha256s concatenated as text, in the given (shard) order.
   """
-  digests = []
-  for path in files:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-      for block in iter(lambda: fh.read(1 << 22), b""):
-        h.update(block)
-    digests.append(h.hexdigest())
+  digests = [vae_lib.weights_sha256(path) for path in files]
   if len(digests) == 1:
     return digests[0]
   return hashlib.sha256("".join(digests).encode()).hexdigest()
