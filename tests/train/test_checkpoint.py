@@ -397,6 +397,11 @@ def test_checkpoint_written_before_the_ema_field_restores(tmp_path, monkeypatch,
     skipped: Any
     consecutive_skips: Any
 
+  def restore(ck, state):  # onto `state`'s shapes and shardings; `state` when nothing is saved
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    return loop._restore(ck, shapes, lambda: state)
+
   tx = optax.adam(1e-2)
   params = {"w": jnp.arange(8.0) - 3.0}
   plain, with_ema = step_lib.init_state(params, tx), step_lib.init_state(params, tx, ema=True)
@@ -405,19 +410,19 @@ def test_checkpoint_written_before_the_ema_field_restores(tmp_path, monkeypatch,
     m.setattr(checkpoint, "_stored", lambda tree: tree)  # the save of the code before
     ck.save(1, OldTrainState(*plain[:5])._replace(step=jnp.int32(1)), force=True)
   ck.wait()
-  restored = loop._restore(ck, plain)
+  restored = restore(ck, plain)
   assert restored.ema is None and int(restored.step) == 1
   _assert_tree_equal(restored.params, params)
   with caplog.at_level(logging.WARNING):
-    restored = loop._restore(ck, with_ema)
+    restored = restore(ck, with_ema)
   assert "has no EMA" in caplog.text and not os.path.exists(str(tmp_path / "ck.damaged"))
   _assert_tree_equal(restored.ema, params)
   assert restored.ema["w"] is not restored.params["w"]  # own buffers: the step donates both
   ck.save(2, restored._replace(ema={"w": jnp.ones(8)}), force=True)
   ck.wait()
-  again = loop._restore(ck, with_ema)
+  again = restore(ck, with_ema)
   assert int(again.step) == 1
   _assert_tree_equal(again.ema, {"w": jnp.ones(8)})
   with pytest.raises(checkpoint.StructureMismatchError):
-    loop._restore(ck, plain)
+    restore(ck, plain)
   ck.close()
